@@ -1,0 +1,203 @@
+"""The one LightningModule every ltlib method extends.
+
+:class:`LongTailMethod` owns what all methods share: the optimiser and learning-rate schedule, the
+training-progress counter that schedules read (BBN's alpha, FBL's alpha(t)), evaluation through
+:meth:`evaluate_logits`, and long-tail metrics accumulated on the device and synced once per epoch.
+A method overrides :meth:`compute_loss` (and :meth:`evaluate_logits` when inference differs from a
+plain forward pass) and declares the sampler streams it trains on in :attr:`train_streams`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ltlib.errors import LtlibError, check_in_range
+from ltlib.metrics import LongTailMetrics
+
+LR_SCHEDULES = ("multistep", "cosine", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """SGD with linear warm-up and a decay schedule (the recipe shared by the three papers).
+
+    ``decay_factor`` multiplies the learning rate at each of ``milestones`` (epochs, counted from 0 as
+    Lightning does, so milestone 120 means "from the 121st epoch on", as in the papers' code).
+    Warm-up rises linearly from ``warmup_start_factor * lr`` to ``lr`` over ``warmup_epochs``,
+    updated every step (``warmup_per_step=True``) or once per epoch.
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+    warmup_epochs: int = 5
+    warmup_start_factor: float = 0.0
+    warmup_per_step: bool = True
+    schedule: str = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [120, 160])
+    decay_factor: float = 0.01
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_in_range("optim.lr", self.lr, 0.0, low_inclusive=False)
+        check_in_range("optim.momentum", self.momentum, 0.0, 1.0)
+        check_in_range("optim.weight_decay", self.weight_decay, 0.0)
+        check_in_range("optim.warmup_epochs", self.warmup_epochs, 0)
+        check_in_range("optim.warmup_start_factor", self.warmup_start_factor, 0.0, 1.0)
+        check_in_range("optim.decay_factor", self.decay_factor, 0.0, 1.0, low_inclusive=False)
+        if self.schedule not in LR_SCHEDULES:
+            raise LtlibError(f"unknown optim.schedule {self.schedule!r}; available: {', '.join(LR_SCHEDULES)}")
+        self.milestones = sorted(int(m) for m in self.milestones)
+
+    def lr_factor(self, step: int, steps_per_epoch: int, max_epochs: int) -> float:
+        """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
+        epoch = step // max(steps_per_epoch, 1)
+        factor = 1.0
+        warmup_steps = self.warmup_epochs * steps_per_epoch
+        if step < warmup_steps:
+            done = (step + 1) / warmup_steps if self.warmup_per_step else (epoch + 1) / self.warmup_epochs
+            factor = self.warmup_start_factor + (1.0 - self.warmup_start_factor) * done
+        if self.schedule == "multistep":
+            factor *= self.decay_factor ** sum(epoch >= m for m in self.milestones)
+        elif self.schedule == "cosine":
+            span = max(max_epochs * steps_per_epoch - warmup_steps, 1)
+            t = min(max(step - warmup_steps, 0) / span, 1.0)
+            floor = self.min_lr / self.lr
+            factor *= floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return factor
+
+
+class LongTailMethod(L.LightningModule):
+    """Base of every method: a backbone, a linear classifier, and the shared training machinery.
+
+    Args:
+        backbone: a zoo backbone (``ltlib.backbones.create_backbone``) exposing ``out_dim``.
+        num_classes: number of classes C.
+        class_counts: training images per class (from ``LongTailDataModule.class_counts``).
+        optim: an :class:`OptimConfig` or a mapping of its fields.
+        class_names: optional names, used in logs and results.
+        many_threshold, few_threshold: shot groups (many > 100, few < 20 by convention).
+    """
+
+    #: stream name -> sampler name; the DataModule reads this to build the training batches.
+    train_streams: Mapping[str, str] = {"main": "uniform"}
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        class_counts: Sequence[int],
+        optim: OptimConfig | Mapping[str, Any] | None = None,
+        class_names: Sequence[str] | None = None,
+        many_threshold: int = 100,
+        few_threshold: int = 20,
+    ) -> None:
+        super().__init__()
+        if type(self).compute_loss is LongTailMethod.compute_loss:
+            raise TypeError(f"{type(self).__name__} must define compute_loss(batch)")
+        if len(class_counts) != num_classes:
+            raise LtlibError(f"class_counts has {len(class_counts)} entries; expected num_classes={num_classes}")
+        self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**dict(optim or {}))
+        self.save_hyperparameters({"num_classes": num_classes, "optim": asdict(self.optim)})
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+        self.register_buffer("class_counts", torch.as_tensor(list(class_counts), dtype=torch.long), persistent=False)
+        self.classifier = self.build_classifier(backbone.out_dim, num_classes)
+        metric_args = dict(num_classes=num_classes, class_counts=list(class_counts),
+                           many_threshold=many_threshold, few_threshold=few_threshold)
+        self.val_metrics = LongTailMetrics(**metric_args)
+        self.test_metrics = LongTailMetrics(**metric_args)
+        self.last_metrics: dict[str, dict[str, Tensor]] = {}
+
+    # ----------------------------------------------------------------- model
+    def build_classifier(self, in_features: int, num_classes: int) -> nn.Module:
+        """The classification head; methods with another head (LDAM's cosine classifier) override."""
+        return nn.Linear(in_features, num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.classifier(self.backbone(images))
+
+    def evaluate_logits(self, images: Tensor) -> Tensor:
+        """Logits used for validation and test (BBN overrides: both branches, alpha = 0.5)."""
+        return self(images)
+
+    def compute_loss(self, batch: Any) -> Tensor:
+        """The training loss for one batch; every method defines it (checked in ``__init__``)."""
+        raise TypeError(f"{type(self).__name__} does not define compute_loss")
+
+    # -------------------------------------------------------------- progress
+    @property
+    def max_epochs(self) -> int:
+        return int(self.trainer.max_epochs) if self._trainer is not None and self.trainer.max_epochs else 1
+
+    @property
+    def total_steps(self) -> int:
+        return max(int(self.trainer.estimated_stepping_batches), 1)
+
+    def training_progress(self, per_step: bool = False) -> float:
+        """Training progress in [0, 1): the current epoch over the total (0 in the first epoch), or
+        with ``per_step`` the optimiser step over the total. The one place schedules read it from."""
+        if self._trainer is None:
+            return 0.0
+        if per_step:
+            return min(self.trainer.global_step / self.total_steps, 1.0)
+        return min(self.current_epoch / self.max_epochs, 1.0)
+
+    # -------------------------------------------------------------- training
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch)
+        # Logged as a device tensor: Lightning reads it only at log/refresh intervals, never per step.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=self._batch_size(batch))
+        return loss
+
+    @staticmethod
+    def _batch_size(batch: Any) -> int:
+        if isinstance(batch, Mapping):
+            batch = next(iter(batch.values()))
+        return int(batch[1].shape[0])
+
+    # ------------------------------------------------------------ evaluation
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, targets = batch
+        self.val_metrics.update(self.evaluate_logits(images), targets)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        images, targets = batch
+        self.test_metrics.update(self.evaluate_logits(images), targets)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def _log_metrics(self, split: str, metrics: LongTailMetrics) -> None:
+        values = metrics.compute()  # synced across ranks here, once per epoch
+        self.last_metrics[split] = {k: v.detach() for k, v in values.items()}
+        scalars = {f"{split}/{k}": values[k] for k in ("top1", "mean_class_acc", "many_acc", "medium_acc", "few_acc")
+                   if k in values}
+        self.log_dict(scalars, prog_bar=False, sync_dist=False)  # already reduced by torchmetrics
+        metrics.reset()
+
+    # ------------------------------------------------------------- optimiser
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups for the optimiser (crt freezes the backbone by overriding this)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim
+        optimizer = torch.optim.SGD(self.parameter_groups(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        steps_per_epoch = max(self.total_steps // self.max_epochs, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cfg.lr_factor(step, steps_per_epoch, self.max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,37 @@
+"""Shared test helpers: paths, the ltlib CLI in a subprocess, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CIFAR10_SHARED = SHARED / "data" / "cifar10"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*overrides: str, module: str = "ltlib.run", cwd: Path | None = None,
+            timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m ltlib.run OVERRIDES`` and return the finished process (output captured)."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny_run_args(tmp_path: Path) -> list[str]:
+    """Overrides that make a CLI run take a few seconds: 2 epochs of the digits data."""
+    return [f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epochs=2", "optim.warmup_epochs=1",
+            "backbone=resnet20"]

@@ -1,0 +1,76 @@
+"""End-to-end runs of ``python -m ltlib.run`` on the embedded digits data, and its bad inputs."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["ce", "rw", "rs"])
+def test_cli_trains_each_method_and_writes_results(method, tiny_run_args, tmp_path):
+    proc = run_cli(f"method={method}", *tiny_run_args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["method"] == method
+    assert set(results["metrics"]) == {"val", "test"}
+    test = results["metrics"]["test"]
+    assert 0.0 <= test["top1"] <= 1.0 and test["num_samples"] == 500  # 50 per class, balanced
+    assert len(results["per_class"]) == 10
+    counts = [row["train_count"] for row in results["per_class"]]
+    assert counts == sorted(counts, reverse=True) and counts[0] == 100 and counts[-1] == 10
+    assert (run_dir / "per_class.csv").is_file() and (run_dir / "per_class_accuracy.png").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert "Top-1" in proc.stdout or "top-1" in proc.stdout.lower()
+
+
+def test_seeded_cpu_runs_repeat_exactly(tiny_run_args, tmp_path):
+    first = run_cli(*tiny_run_args)
+    second = run_cli(*[a.replace("/run", "/run2") for a in tiny_run_args])
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    a = json.loads((tmp_path / "run" / "results.json").read_text())
+    b = json.loads((tmp_path / "run2" / "results.json").read_text())
+    assert a["metrics"] == b["metrics"] and a["per_class"] == b["per_class"]
+
+
+def test_resume_from_checkpoint_continues_training(tiny_run_args, tmp_path):
+    first = run_cli(*tiny_run_args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    args = [a for a in tiny_run_args if not a.startswith(("hydra.run.dir", "trainer.max_epochs"))]
+    resumed = run_cli(*args, f"hydra.run.dir={tmp_path / 'resumed'}", "trainer.max_epochs=3",
+                      f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    results = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert results["epochs_trained"] == 3
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("data.imbalance_ratio=0.5", "0.5"),
+    ("backbone.name=resnet33", "resnet33"),
+    ("method.sampler=sqrt", "sqrt"),
+    ("optim.schedule=poly", "poly"),
+    ("ckpt_path=/nonexistent/last.ckpt", "/nonexistent/last.ckpt"),
+])
+def test_bad_input_is_one_line_error(override, expected, tiny_run_args):
+    proc = run_cli(*tiny_run_args, override)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("ltlib: error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
+
+
+def test_missing_folder_root_is_one_line_error(tiny_run_args, tmp_path):
+    proc = run_cli(*tiny_run_args, "data=folder", f"data.root={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "nowhere" in proc.stderr
+
+
+def test_unknown_method_group_lists_the_options(tiny_run_args):
+    proc = run_cli(*tiny_run_args, "method=nonsense")
+    assert proc.returncode != 0
+    assert "nonsense" in proc.stderr and "ce" in proc.stderr and "rw" in proc.stderr
