@@ -83,7 +83,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if trainer_cfg.get("enable_progress_bar") is None:
         trainer_cfg["enable_progress_bar"] = sys.stdout.isatty()
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
-    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=[best, LearningRateMonitor("epoch")],
+    extra_callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=[best, LearningRateMonitor("epoch"), *extra_callbacks],
                                      logger=logger, default_root_dir=str(output_dir))
 
     ckpt_path = cfg.ckpt_path
@@ -103,6 +104,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     payload: dict[str, Any] = {}
     if trainer.is_global_zero:
+        # Method and callbacks write their analysis files and add entries to results.json.
+        analysis = method.on_run_end(output_dir)
+        for callback in extra_callbacks:
+            if hasattr(callback, "on_run_end"):
+                analysis.update(callback.on_run_end(output_dir, trainer, method) or {})
         payload = write_results(
             output_dir,
             config=OmegaConf.to_container(cfg, resolve=True),
@@ -119,6 +125,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 else "last epoch",
                 "epochs_trained": trainer.current_epoch,
                 "device": str(torch.device(trainer.strategy.root_device)),
+                **analysis,
             },
             many_threshold=cfg.many_threshold,
             few_threshold=cfg.few_threshold,

@@ -6,6 +6,7 @@ from ltlib.analysis.results import (
     RESULTS_JSON,
     print_results_table,
     read_results,
+    save_figure,
     to_jsonable,
     write_results,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "RESULTS_JSON",
     "print_results_table",
     "read_results",
+    "save_figure",
     "to_jsonable",
     "write_results",
 ]

@@ -98,6 +98,16 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         raise
 
 
+def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG atomically (the analysis modules' one way to write plots)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if figure.canvas is None or not isinstance(figure.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(figure)
+    _atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=dpi))
+    return path
+
+
 def _to_numpy(value: Any) -> np.ndarray:
     """A tensor, array or list as a float64 numpy array on the host."""
     if isinstance(value, torch.Tensor):

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ltlib.analysis.weight_norms import classifier_weight_norms, plot_weight_norms, weight_norm_summary
 from ltlib.errors import LtlibError, check_in_range
 from ltlib.metrics import LongTailMetrics
 
@@ -187,6 +189,19 @@ class LongTailMethod(L.LightningModule):
                    if k in values}
         self.log_dict(scalars, prog_bar=False, sync_dist=False)  # already reduced by torchmetrics
         metrics.reset()
+
+    # ------------------------------------------------------------ end of run
+    def on_run_end(self, output_dir: Path) -> dict[str, Any]:
+        """Called once, on rank 0, after the final evaluation: write method-specific analysis files to
+        ``output_dir`` and return extra entries for ``results.json``. The default plots the classifier's
+        per-class weight norms (BBN figure 4, two-head figure 3) to ``weight_norms.png``."""
+        weight = getattr(self.classifier, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            return {}
+        norms = {"classifier": classifier_weight_norms(weight)}
+        plot_weight_norms(norms, self.class_counts.tolist(), Path(output_dir) / "weight_norms.png",
+                          title=f"Classifier weight norms ({type(self).__name__})")
+        return {"weight_norms": weight_norm_summary(norms)}
 
     # ------------------------------------------------------------- optimiser
     def parameter_groups(self) -> list[dict[str, Any]]:
