@@ -1,5 +1,6 @@
 """End-to-end runs of ``python -m ltlib.run`` on the embedded digits data, and its bad inputs."""
 
+import csv
 import json
 
 import pytest
@@ -47,6 +48,10 @@ def test_resume_from_checkpoint_continues_training(tiny_run_args, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     results = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert results["epochs_trained"] == 3
+    # only the third epoch ran after resuming from the end of the second
+    with open(tmp_path / "resumed" / "logs" / "metrics.csv") as handle:
+        trained_epochs = {row["epoch"] for row in csv.DictReader(handle) if row.get("train/loss_epoch")}
+    assert trained_epochs == {"2"}
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -74,3 +79,39 @@ def test_unknown_method_group_lists_the_options(tiny_run_args):
     proc = run_cli(*tiny_run_args, "method=nonsense")
     assert proc.returncode != 0
     assert "nonsense" in proc.stderr and "ce" in proc.stderr and "rw" in proc.stderr
+
+
+def test_offline_cifar_download_is_one_line_error(tiny_run_args, tmp_path):
+    proc = run_cli(*tiny_run_args, "data=cifar100_lt", f"data.root={tmp_path / 'cifar'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert str(tmp_path / "cifar") in proc.stderr
+
+
+def test_multirun_sweep_writes_one_directory_per_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "method=ce,rs", "data.imbalance_ratio=5,10", "trainer.max_epochs=1",
+                   "backbone=resnet20", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert len(results) == 4
+    cells = {(r["method"], r["config"]["data"]["imbalance_ratio"]) for r in results}
+    assert cells == {("ce", 5), ("ce", 10), ("rs", 5), ("rs", 10)}
+    # the imbalance ratio really changes the training set
+    smallest = {r["config"]["data"]["imbalance_ratio"]: min(row["train_count"] for row in r["per_class"])
+                for r in results}
+    assert smallest == {5: 20, 10: 10}
+
+
+def test_two_process_ddp_run_matches_single_process_evaluation(tiny_run_args, tmp_path):
+    ddp = run_cli(*tiny_run_args, "trainer=ddp_cpu", "eval_checkpoint=last")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp_results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert ddp_results["metrics"]["test"]["num_samples"] == 500  # no padded duplicates
+    # Evaluate the same checkpoint in one process: resuming at max_epochs trains nothing more.
+    args = [a for a in tiny_run_args if not a.startswith("hydra.run.dir")]
+    single = run_cli(*args, f"hydra.run.dir={tmp_path / 'single'}", "eval_checkpoint=last",
+                     f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    single_results = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert single_results["metrics"] == ddp_results["metrics"]
+    assert single_results["confusion"] == ddp_results["confusion"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,16 @@ def find_user_error(exc: BaseException) -> LtlibError | None:
     return None
 
 
+def quiet_third_party_noise() -> None:
+    """Silence messages that say nothing about the run: Lightning's tips and hardware banner (they
+    would be printed twice, through Hydra's log handler too) and deprecation notes from its internals."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run one configured training + evaluation; returns the results payload."""
     import lightning as L
@@ -60,11 +71,16 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     from ltlib.analysis import print_results_table, write_results
 
+    quiet_third_party_noise()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
+    info = datamodule.split_info
+    log.info("data %s: train %d images in %d classes (largest %d, smallest %d), val %d, test %d",
+             choices.get("data", datamodule.name), info["train"]["size"], datamodule.num_classes,
+             max(datamodule.class_counts), min(datamodule.class_counts), info["val"]["size"], info["test"]["size"])
     backbone = instantiate(cfg.backbone, in_chans=datamodule.in_chans)
     method = instantiate(cfg.method)(
         backbone=backbone,
@@ -78,13 +94,17 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     checkpoint_dir = output_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode,
-                           save_top_k=1, save_last=True, auto_insert_metric_name=False)
+                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    # Lightning's save_last writes last.ckpt only in epochs where the best one improved: a separate,
+    # unmonitored callback overwrites last.ckpt after every epoch instead.
+    last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("enable_progress_bar") is None:
         trainer_cfg["enable_progress_bar"] = sys.stdout.isatty()
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     extra_callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=[best, LearningRateMonitor("epoch"), *extra_callbacks],
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=[best, last, LearningRateMonitor("epoch"), *extra_callbacks],
                                      logger=logger, default_root_dir=str(output_dir))
 
     ckpt_path = cfg.ckpt_path
@@ -92,12 +112,14 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         ckpt_path = str(checkpoint_dir / "last.ckpt")
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise LtlibError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint file at {ckpt_path}")
+    log.info("method %s, backbone %s, %s epochs; run directory %s", choices.get("method", type(method).__name__),
+             choices.get("backbone", "custom"), cfg.trainer.max_epochs, output_dir)
     trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
 
     eval_ckpt = cfg.eval_checkpoint
     if eval_ckpt not in ("best", "last"):
         raise LtlibError(f"eval_checkpoint={eval_ckpt!r} is not allowed; use 'best' or 'last'")
-    selected = best.best_model_path if eval_ckpt == "best" and best.best_model_path else best.last_model_path
+    selected = best.best_model_path if eval_ckpt == "best" and best.best_model_path else last.best_model_path
     # The selected checkpoint is evaluated once on validation and once on test.
     trainer.validate(method, datamodule=datamodule, ckpt_path=selected or None, verbose=False)
     trainer.test(method, datamodule=datamodule, ckpt_path=selected or None, verbose=False)

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from ltlib.analysis.weight_norms import classifier_weight_norms, plot_weight_norms, weight_norm_summary
 from ltlib.errors import LtlibError, check_in_range
@@ -118,6 +119,7 @@ class LongTailMethod(L.LightningModule):
                            many_threshold=many_threshold, few_threshold=few_threshold)
         self.val_metrics = LongTailMetrics(**metric_args)
         self.test_metrics = LongTailMetrics(**metric_args)
+        self.train_loss = MeanMetric()  # epoch mean, accumulated on the device, synced at epoch end
         self.last_metrics: dict[str, dict[str, Tensor]] = {}
 
     # ----------------------------------------------------------------- model
@@ -157,9 +159,14 @@ class LongTailMethod(L.LightningModule):
     # -------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.compute_loss(batch)
-        # Logged as a device tensor: Lightning reads it only at log/refresh intervals, never per step.
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=self._batch_size(batch))
+        # A device tensor: Lightning reads it only at its log and refresh intervals, never every step.
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.train_loss.update(loss.detach(), weight=self._batch_size(batch))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss_epoch", self.train_loss.compute(), sync_dist=True)
+        self.train_loss.reset()
 
     @staticmethod
     def _batch_size(batch: Any) -> int:
@@ -187,7 +194,8 @@ class LongTailMethod(L.LightningModule):
         self.last_metrics[split] = {k: v.detach() for k, v in values.items()}
         scalars = {f"{split}/{k}": values[k] for k in ("top1", "mean_class_acc", "many_acc", "medium_acc", "few_acc")
                    if k in values}
-        self.log_dict(scalars, prog_bar=False, sync_dist=False)  # already reduced by torchmetrics
+        # Already reduced across ranks by torchmetrics; sync_dist only tells Lightning they are global.
+        self.log_dict(scalars, prog_bar=False, sync_dist=True)
         metrics.reset()
 
     # ------------------------------------------------------------ end of run
