@@ -1,5 +1,6 @@
 """Compose every config combination, and check the configs ship inside the wheel."""
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -61,3 +62,16 @@ def test_configs_are_packaged_in_the_wheel(tmp_path):
     shipped = {p.relative_to(repo / "conf").as_posix() for p in (repo / "conf").rglob("*.yaml")}
     assert {f"ltlib/conf/{name}" for name in shipped} <= names
     assert "ltlib/run.py" in names
+    # The installed wheel runs from anywhere: configs come from inside the package, not the checkout.
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "WANDB_MODE": "disabled", "MPLBACKEND": "Agg"}
+    where = subprocess.run([sys.executable, "-c", "import ltlib.run as r; print(r.__file__); print(r.config_dir())"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert all(Path(p).is_relative_to(target) for p in where), where
+    proc = subprocess.run([sys.executable, "-m", "ltlib.run", "trainer.max_epochs=1", "backbone=resnet20",
+                           "hydra.run.dir=run"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (elsewhere / "run" / "results.json").is_file()

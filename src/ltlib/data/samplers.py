@@ -1,0 +1,260 @@
+"""Training and evaluation samplers that shard themselves across DDP ranks.
+
+Every sampler is deterministic given ``(seed, epoch, rank)``, has ``set_epoch(epoch)`` (Lightning
+calls it before each epoch) and a finite ``__len__`` that is the same on every rank, so that all
+ranks run the same number of steps. The trainer runs with ``use_distributed_sampler=False``: these
+samplers do the sharding, Lightning must not wrap them a second time.
+
+Class-aware sampling (Shen et al., ECCV 2016; BBN, Zhou et al., CVPR 2020) first draws a class ``c``
+with probability ``P_c = w_c / sum_j w_j`` and then an image of that class uniformly at random. The
+class weights ``w_c`` name the sampler:
+
+===============  ==================  ==========================================================
+name             ``w_c``             effect
+===============  ==================  ==========================================================
+class_balanced   ``1``               every class equally often
+reversed         ``N_max / N_c``     BBN eq. 4: the rarer the class, the more often it is drawn
+square_root      ``sqrt(N_c)``       an image with probability proportional to ``N_c ** -1/2``
+===============  ==================  ==========================================================
+
+``uniform`` visits every image once per epoch (instance-balanced sampling, ``P_c`` proportional to
+``N_c``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ltlib.errors import LtlibError, unknown_name
+
+
+def _check_shard(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise LtlibError(f"rank={rank!r}, world_size={world_size!r} are invalid; allowed: world_size >= 1 "
+                         "and 0 <= rank < world_size")
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from several integers (e.g. seed, epoch, rank), via NumPy's SeedSequence."""
+    state = np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class UniformSampler(Sampler[int]):
+    """Every image once per epoch, shuffled, sharded by rank.
+
+    The epoch's permutation comes from ``torch.Generator().manual_seed(seed + epoch)`` and is the same
+    on every rank; it is padded by wrapping around to a multiple of ``world_size`` and rank ``r`` takes
+    ``perm[r::world_size]``. Shards are disjoint (up to the padding) and each has
+    ``ceil(num_samples / world_size)`` indices.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True) -> None:
+        _check_shard(rank, world_size)
+        if num_samples < 1:
+            raise LtlibError(f"num_samples={num_samples!r} is invalid; allowed: >= 1")
+        self.num_samples = int(num_samples)
+        self.seed, self.rank, self.world_size, self.shuffle = int(seed), rank, world_size, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(self.num_samples, generator=gen)
+        else:
+            perm = torch.arange(self.num_samples)
+        total = len(self) * self.world_size
+        if total > self.num_samples:
+            perm = perm.repeat(math.ceil(total / self.num_samples))[:total]
+        yield from perm[self.rank::self.world_size].tolist()
+
+
+class ClassAwareSampler(Sampler[int]):
+    """Draw a class with probability ``P_c = w_c / sum_j w_j``, then one of its images uniformly.
+
+    Each rank yields ``ceil(num_samples / world_size)`` indices (``num_samples`` defaults to the
+    dataset size), drawn in one vectorised call from a generator seeded by ``(seed, epoch, rank)``.
+    A class with a positive weight must have images.
+    """
+
+    def __init__(self, targets: Sequence[int] | np.ndarray | torch.Tensor, class_weights: Sequence[float] | torch.Tensor,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, num_samples: int | None = None) -> None:
+        _check_shard(rank, world_size)
+        labels = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
+        weights = torch.as_tensor(class_weights, dtype=torch.float64).reshape(-1)
+        if labels.numel() == 0:
+            raise LtlibError("a class-aware sampler needs at least one image")
+        if labels.min() < 0 or labels.max() >= weights.numel():
+            raise LtlibError(f"labels range over [{int(labels.min())}, {int(labels.max())}] but "
+                             f"{weights.numel()} class weights were given")
+        if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise LtlibError(f"class weights must be finite, >= 0 and not all 0; got {weights.tolist()[:10]}")
+        counts = torch.bincount(labels, minlength=weights.numel())
+        empty = torch.nonzero((counts == 0) & (weights > 0)).flatten()
+        if empty.numel():
+            raise LtlibError(f"class {int(empty[0])} has a positive sampling weight but no images")
+        self.class_probs = weights / weights.sum()
+        self.num_samples = labels.numel() if num_samples is None else int(num_samples)
+        if self.num_samples < 1:
+            raise LtlibError(f"num_samples={num_samples!r} is invalid; allowed: >= 1")
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.epoch = 0
+        self._counts = counts
+        self._order = torch.argsort(labels, stable=True)  # image indices grouped by class
+        self._starts = torch.cumsum(counts, 0) - counts  # where each class's group begins
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank))
+        classes = torch.multinomial(self.class_probs, len(self), replacement=True, generator=gen)
+        sizes = self._counts[classes]
+        offsets = (torch.rand(len(self), generator=gen, dtype=torch.float64) * sizes).long()
+        offsets = torch.minimum(offsets, sizes - 1)
+        yield from self._order[self._starts[classes] + offsets].tolist()
+
+
+def _class_counts(targets: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    labels = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if labels.size == 0 or labels.min() < 0:
+        raise LtlibError("a class-aware sampler needs at least one image and labels >= 0")
+    return np.bincount(labels)
+
+
+class ClassBalancedSampler(ClassAwareSampler):
+    """Class-balanced sampling: ``w_c = 1``, so ``P_c = 1 / C`` (classes without images get 0)."""
+
+    def __init__(self, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_samples: int | None = None) -> None:
+        counts = _class_counts(targets)
+        super().__init__(targets, (counts > 0).astype(np.float64), seed, rank, world_size, num_samples)
+
+
+class ReversedSampler(ClassAwareSampler):
+    """BBN's reversed sampler (eq. 4): ``w_c = N_max / N_c``, ``P_c = w_c / sum_j w_j``."""
+
+    def __init__(self, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_samples: int | None = None) -> None:
+        counts = _class_counts(targets).astype(np.float64)
+        weights = np.divide(counts.max(), counts, out=np.zeros_like(counts), where=counts > 0)
+        super().__init__(targets, weights, seed, rank, world_size, num_samples)
+
+
+class SquareRootSampler(ClassAwareSampler):
+    """Square-root sampling (Mahajan et al., 2018): an image with probability proportional to
+    ``N_c ** -1/2``, i.e. a class with ``P_c = sqrt(N_c) / sum_j sqrt(N_j)`` (``w_c = sqrt(N_c)``)."""
+
+    def __init__(self, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_samples: int | None = None) -> None:
+        super().__init__(targets, np.sqrt(_class_counts(targets)), seed, rank, world_size, num_samples)
+
+
+def _uniform(targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int = 0, rank: int = 0,
+             world_size: int = 1) -> UniformSampler:
+    return UniformSampler(len(targets), seed, rank, world_size)
+
+
+_SAMPLERS: dict[str, Callable[..., Sampler[int]]] = {
+    "uniform": _uniform,
+    "class_balanced": ClassBalancedSampler,
+    "reversed": ReversedSampler,
+    "square_root": SquareRootSampler,
+}
+
+
+def list_samplers() -> list[str]:
+    """Names accepted by :func:`create_sampler`."""
+    return sorted(_SAMPLERS)
+
+
+def create_sampler(name: str, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int,
+                   rank: int = 0, world_size: int = 1) -> Sampler[int]:
+    """Build the training sampler ``name`` over a dataset with labels ``targets``, sharded for ``rank``.
+    A deferred spec ``"<before>><after>@<epoch>"`` builds a switching sampler (:mod:`ltlib.data.deferred`)."""
+    if name not in _SAMPLERS and ">" in str(name):
+        from ltlib.data.deferred import create_deferred_sampler
+
+        return create_deferred_sampler(name, targets, seed, rank, world_size)
+    if name not in _SAMPLERS:
+        raise unknown_name("sampler", name, _SAMPLERS)
+    return _SAMPLERS[name](targets, seed=seed, rank=rank, world_size=world_size)
+
+
+class StreamSampler(Sampler[tuple[int, ...]]):
+    """Zip several equally long samplers: yields one tuple of indices per step, in the dict's order.
+
+    Used with :class:`MultiStreamDataset` for aligned multi-stream batches (e.g. BBN's uniform and
+    reversed branches). ``set_epoch`` reaches every inner sampler.
+    """
+
+    def __init__(self, samplers: Mapping[str, Sampler[int]]) -> None:
+        if not samplers:
+            raise LtlibError("StreamSampler needs at least one sampler")
+        lengths = {name: len(s) for name, s in samplers.items()}
+        if len(set(lengths.values())) != 1:
+            raise LtlibError(f"streams must have equal lengths; got {lengths}")
+        self.samplers = dict(samplers)
+        self.names = list(self.samplers)
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers.values():
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.samplers.values())))
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        return zip(*self.samplers.values(), strict=True)
+
+
+class MultiStreamDataset(Dataset):
+    """Index a dataset with a tuple of indices, one per stream: ``{name: dataset[i]}``.
+
+    Each item is fetched (and so augmented) independently; PyTorch's default collate turns a batch
+    into ``{name: [images, targets]}``.
+    """
+
+    def __init__(self, dataset: Dataset, stream_names: Sequence[str]) -> None:
+        self.dataset = dataset
+        self.stream_names = list(stream_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: Sequence[int]) -> dict[str, Any]:
+        if len(indices) != len(self.stream_names):
+            raise LtlibError(f"got {len(indices)} indices for streams {self.stream_names}")
+        return {name: self.dataset[i] for name, i in zip(self.stream_names, indices, strict=True)}
+
+
+class EvalShardSampler(Sampler[int]):
+    """Sequential evaluation shard ``range(rank, N, world_size)``, without padding, so that metrics
+    synced across ranks count every image exactly once (shards may differ in length by one)."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
+        _check_shard(rank, world_size)
+        self.num_samples, self.rank, self.world_size = int(num_samples), rank, world_size
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
