@@ -3,21 +3,21 @@
 One method, :class:`BaselineClassifier`, covers the baseline rows of BBN table 1 (and the two-head
 and FBL papers' baseline tables) that train a single classifier with a per-sample loss:
 
-=================  ==============================================================================
-``method=``        what it trains
-=================  ==============================================================================
-``focal``          focal loss (Lin et al.), ``gamma = 1`` (LDAM-DRW's code)
-``cb_focal``       focal loss weighted by class-balanced weights (Cui et al., beta = 0.9999)
-``cb_focal_sigmoid``  Cui et al.'s own sigmoid CB focal loss, as their code trains it
-``ce_drw``         CE, class-balanced weights switched on at epoch 160 (Cao et al., DRW)
-``ldam``           LDAM loss on a cosine classifier (Cao et al.)
-``ldam_drw``       LDAM loss + deferred re-weighting (Cao et al.)
-``ce_drs``         CE, uniform sampling, class-balanced sampling from epoch 160 (Cao et al., DRS)
-``la``             logit-adjusted loss (Menon et al., eq. 10 with tau = 1)
-``ce_posthoc_la``  CE, predictions post-hoc adjusted by ``- tau log pi`` (Menon et al., eq. 9)
-=================  ==============================================================================
+======================  ========================================================================
+``method=``             what it trains
+======================  ========================================================================
+``focal``               focal loss (Lin et al.), ``gamma = 1`` (LDAM-DRW's code)
+``cb_focal``            focal loss weighted by class-balanced weights (Cui et al., beta = 0.9999)
+``cb_focal_sigmoid``    Cui et al.'s own sigmoid CB focal loss, as their code trains it
+``ce_drw``              CE, class-balanced weights switched on at epoch 160 (Cao et al., DRW)
+``ldam``                LDAM loss on a cosine classifier (Cao et al.)
+``ldam_drw``            LDAM loss + deferred re-weighting (Cao et al.)
+``ce_drs``              CE, uniform sampling, class-balanced sampling from epoch 160 (Cao et al., DRS)
+``la``                  logit-adjusted loss ``CE(z + tau log pi, y)`` (Menon et al.), tau = 1
+``ce_posthoc_la``       CE; predictions post-hoc adjusted to ``z - tau log pi`` (Menon et al.)
+======================  ========================================================================
 
-Deferred re-weighting (DRW; Cao et al., Algorithm 1) uses the loss without weights before epoch
+Deferred re-weighting (DRW; Cao et al.) uses the loss without weights before epoch
 ``reweight_from_epoch`` and with ``class_balanced_weights(counts, beta)`` from that epoch on (epochs
 count from 0: LDAM-DRW's code switches at ``epoch // 160 == 1``, i.e. the 161st epoch, which is also
 where its learning rate first drops). The weights are set on the loss module in
@@ -88,9 +88,9 @@ class LDAMCodeFocalLoss(nn.Module):
         losses = (-torch.expm1(-weighted_ce)).clamp_min(0.0) ** self.gamma * weighted_ce
         if self.reduction == "none":
             return losses
-        if self.reduction == "sum" or weight is None:
-            return losses.sum() if self.reduction == "sum" else losses.mean()
-        return losses.sum() / weight[targets].sum()
+        if self.reduction == "sum":
+            return losses.sum()
+        return losses.mean() if weight is None else losses.sum() / weight[targets].sum()
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma:g}, reduction={self.reduction!r}, weighted={self.weight is not None}"
@@ -114,7 +114,7 @@ class BaselineClassifier(LongTailMethod):
 
     Args:
         loss: ``ce``, ``focal`` (``gamma``, ``focal_form``), ``ldam`` (``max_margin``, ``scale``;
-            Cao et al. eq. 13) or ``logit_adjusted`` (``tau``; Menon et al. eq. 10).
+            Cao et al.) or ``logit_adjusted`` (``tau``; Menon et al.'s loss).
         gamma: focal loss focusing parameter, ``>= 0``.
         focal_form: ``softmax`` (Lin et al., default), ``sigmoid`` (Cui et al.'s code: one sigmoid per
             class, last-layer bias initialised to ``-log(C - 1)`` and not weight-decayed) or
@@ -134,7 +134,7 @@ class BaselineClassifier(LongTailMethod):
             LDAM-DRW's CE and LDAM losses) or ``batch_mean`` (``sum w_y l / B``, as LDAM-DRW's focal
             loss and Cui et al.'s sigmoid losses).
         posthoc_tau: if > 0, validation and test predict with ``z - posthoc_tau * log pi`` (Menon et
-            al. eq. 9, :func:`~ltlib.losses.posthoc_logit_adjustment`).
+            al.'s post-hoc adjustment, :func:`~ltlib.losses.posthoc_logit_adjustment`).
         Remaining arguments: see :class:`~ltlib.methods.base.LongTailMethod`.
     """
 
@@ -262,7 +262,11 @@ class BaselineClassifier(LongTailMethod):
     def on_train_epoch_start(self) -> None:
         weights = self.class_weights_at(self.current_epoch)
         self.criterion.weight = weights
-        self.log("train/class_weights_on", float(weights is not None), on_step=False, on_epoch=True)
+        if self.deferred_class_weights is not None:
+            self.log("train/class_weights_on", float(weights is not None), on_step=False, on_epoch=True)
+        if self.deferred_sampler is not None:
+            resampling = self.current_epoch >= self.resample_from_epoch
+            self.log("train/deferred_sampler_on", float(resampling), on_step=False, on_epoch=True)
 
     # -------------------------------------------------------------- training
     def compute_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
