@@ -99,7 +99,8 @@ class FeatureBalancedClassifier(LongTailMethod):
     def on_train_epoch_start(self) -> None:
         progress = self.epoch_progress()
         self.criterion.set_progress(progress)
-        self.log("train/fbl_alpha", self.criterion.alpha, on_step=False, on_epoch=True)
+        # A Python float, the same on every rank: sync_dist only marks it global (reduced once per epoch).
+        self.log("train/fbl_alpha", self.criterion.alpha, on_step=False, on_epoch=True, sync_dist=True)
 
     @property
     def alpha(self) -> float:
