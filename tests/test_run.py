@@ -60,6 +60,7 @@ def test_resume_from_checkpoint_continues_training(tiny_run_args, tmp_path):
     ("method.sampler=sqrt", "sqrt"),
     ("optim.schedule=poly", "poly"),
     ("ckpt_path=/nonexistent/last.ckpt", "/nonexistent/last.ckpt"),
+    ("trainer.max_epochs=-1", "-1"),
 ])
 def test_bad_input_is_one_line_error(override, expected, tiny_run_args):
     proc = run_cli(*tiny_run_args, override)

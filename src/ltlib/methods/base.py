@@ -218,6 +218,10 @@ class LongTailMethod(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or max_epochs < 1:
+            raise LtlibError(f"trainer.max_epochs={max_epochs!r} is not allowed; ltlib's learning-rate and "
+                             "training-progress schedules need a finite number of epochs (an integer >= 1)")
         optimizer = torch.optim.SGD(self.parameter_groups(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         steps_per_epoch = max(self.total_steps // self.max_epochs, 1)
