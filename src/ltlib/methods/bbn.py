@@ -166,6 +166,10 @@ class BBN(LongTailMethod):
         return (self.backbone.pool(self.backbone.last_block(shared)),
                 self.backbone.pool(self.rebalancing_block(shared)))
 
+    def penultimate_features(self, images: Tensor) -> Tensor:
+        """``[f_c, f_r]`` of the same images: the input of the official combiner's fc at inference."""
+        return torch.cat(self.branch_features(images), dim=1)
+
     def forward(self, images: Tensor) -> Tensor:
         """Inference logits: both branches on ``images``, alpha = 0.5, logits added (section 4.4)."""
         f_c, f_r = self.branch_features(images)
@@ -205,9 +209,11 @@ class BBN(LongTailMethod):
         self._alpha_sum, self._alpha_steps = 0.0, 0
 
     def on_train_epoch_end(self) -> None:
-        # alpha is a host float, equal on every rank: logged once per epoch, nothing to synchronise.
+        super().on_train_epoch_end()
+        # alpha is a host float, the same on every rank (the epoch mean when it changes per step).
         if self._alpha_steps:
-            self.log("train/alpha", self._alpha_sum / self._alpha_steps, on_step=False, on_epoch=True)
+            self.log("train/alpha", self._alpha_sum / self._alpha_steps, on_step=False, on_epoch=True,
+                     sync_dist=True)
 
     # ------------------------------------------------------------ end of run
     def on_run_end(self, output_dir: Path) -> dict[str, Any]:
