@@ -24,8 +24,10 @@ def free_port() -> int:
 def run_cli(*overrides: str, module: str = "ltlib.run", cwd: Path | None = None,
             timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m ltlib.run OVERRIDES`` and return the finished process (output captured)."""
+    # One thread per process: the tiny test models gain nothing from more, and DDP tests run two processes
+    # on CI's two cores, where oversubscribed threads make steps many times slower.
     full_env = {**os.environ, "WANDB_MODE": "disabled", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
-                **(env or {})}
+                "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
