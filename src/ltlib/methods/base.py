@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import SumMetric
 
 from ltlib.analysis.weight_norms import classifier_weight_norms, plot_weight_norms, weight_norm_summary
 from ltlib.errors import LtlibError, check_in_range
@@ -119,7 +119,10 @@ class LongTailMethod(L.LightningModule):
                            many_threshold=many_threshold, few_threshold=few_threshold)
         self.val_metrics = LongTailMetrics(**metric_args)
         self.test_metrics = LongTailMetrics(**metric_args)
-        self.train_loss = MeanMetric()  # epoch mean, accumulated on the device, synced at epoch end
+        # Epoch mean of the training loss: sums kept on the device, synced at epoch end. NaN checks are
+        # off because torchmetrics' check reads the value on the host every step.
+        self.train_loss_sum = SumMetric(nan_strategy="disable")
+        self.train_loss_count = SumMetric(nan_strategy="disable")
         self.last_metrics: dict[str, dict[str, Tensor]] = {}
 
     # ----------------------------------------------------------------- model
@@ -161,12 +164,16 @@ class LongTailMethod(L.LightningModule):
         loss = self.compute_loss(batch)
         # A device tensor: Lightning reads it only at its log and refresh intervals, never every step.
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.train_loss.update(loss.detach(), weight=self._batch_size(batch))
+        batch_size = self._batch_size(batch)
+        self.train_loss_sum.update(loss.detach() * batch_size)
+        self.train_loss_count.update(torch.full_like(loss.detach(), batch_size))
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/loss_epoch", self.train_loss.compute(), sync_dist=True)
-        self.train_loss.reset()
+        mean_loss = self.train_loss_sum.compute() / self.train_loss_count.compute().clamp(min=1)
+        self.log("train/loss_epoch", mean_loss, sync_dist=True)
+        self.train_loss_sum.reset()
+        self.train_loss_count.reset()
 
     @staticmethod
     def _batch_size(batch: Any) -> int:
