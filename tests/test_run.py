@@ -116,3 +116,20 @@ def test_two_process_ddp_run_matches_single_process_evaluation(tiny_run_args, tm
     single_results = json.loads((tmp_path / "single" / "results.json").read_text())
     assert single_results["metrics"] == ddp_results["metrics"]
     assert single_results["confusion"] == ddp_results["confusion"]
+
+
+def test_unreadable_image_in_a_worker_is_one_line_error(tiny_run_args, tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    (tmp_path / "images" / "train" / "b" / "9.png").write_bytes(b"not an image")
+    proc = run_cli(*tiny_run_args, "data=folder", f"data.root={tmp_path / 'images'}", "data.num_workers=2",
+                   "data.val_per_class=1", "data.augmentation=none", "data.batch_size=4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("ltlib: error:")]
+    assert len(error_lines) == 1 and "9.png" in error_lines[0], proc.stderr[-2000:]

@@ -172,7 +172,8 @@ def main(cfg: DictConfig) -> None:
         user_error = find_user_error(exc)
         if user_error is None:
             raise
-        message = str(user_error).strip().splitlines()[-1]
+        # An error raised in a DataLoader worker arrives with the worker's traceback in its message.
+        message = str(user_error).strip().splitlines()[-1].removeprefix("ltlib.errors.LtlibError: ")
         print(f"ltlib: error: {message}", file=sys.stderr)
         sys.exit(2)
 
