@@ -133,3 +133,12 @@ def test_unreadable_image_in_a_worker_is_one_line_error(tiny_run_args, tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("ltlib: error:")]
     assert len(error_lines) == 1 and "9.png" in error_lines[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("logger", ["none", "wandb", "tensorboard"])
+def test_every_logger_option_runs(logger, tiny_run_args, tmp_path):
+    proc = run_cli(*tiny_run_args, f"logger={logger}", "trainer.max_epochs=1", env={"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "results.json").is_file()
+    if logger == "tensorboard":
+        assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))

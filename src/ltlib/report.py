@@ -1,0 +1,637 @@
+"""Comparison report of a sweep: ``python -m ltlib.report SWEEP_DIR [SWEEP_DIR ...]``.
+
+Reads every run under the given directories (a Hydra multirun directory, ``outputs/``, a study
+directory: any tree of ``python -m ltlib.run`` run directories) and writes, into ``--output-dir``
+(default ``SWEEP_DIR/report``):
+
+* ``report.md`` and ``report.csv``: one row per cell, method x dataset x imbalance ratio (and
+  backbone, and any other setting that differs), with the number of runs and the mean ± sample standard
+  deviation over them of top-1, mean class, many-, medium- and few-shot accuracy (%), next to the
+  numbers the papers report for the same cell (:mod:`ltlib.published`, with paper and table) and the
+  difference (ours - published);
+* ``report.png``: top-1 mean ± std per cell, one panel per dataset and imbalance ratio, the published
+  numbers as markers;
+* ``report_missing.csv``: runs that are missing or failed, also listed in ``report.md``: a run
+  directory with ``.hydra/`` but no ``results.json`` (failed or unfinished), an unreadable
+  ``results.json`` or one without the split's metrics, and jobs of a multirun (``multirun.yaml``,
+  basic sweeper) that never started. Failed runs whose config can be read count in their cell's
+  ``runs`` column (``2/3``); none is dropped silently.
+
+Runs belong to the same cell when their resolved configs are equal except for seeds (``seed``,
+``data.subset_seed`` and every other ``*seed`` key: the replicates mean ± std is taken over) and for
+where and how they ran (run name, paths, devices, precision, workers, loggers, callbacks). A classifier re-training run (``crt``) is
+told apart by the method of its stage-1 run. ``--alias folder=cifar10_lt`` renames a dataset so that
+CIFAR-10 in folder layout is compared with the CIFAR-10-LT numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ltlib.analysis.results import RESULTS_JSON, save_figure
+from ltlib.errors import LtlibError, unknown_name
+from ltlib.published import PublishedResult, find_published
+
+REPORT_MD, REPORT_CSV, REPORT_PNG, MISSING_CSV = "report.md", "report.csv", "report.png", "report_missing.csv"
+SPLITS = ("test", "val")
+#: results.json metric keys reported, and their column names.
+METRICS = {"top1": "top-1", "mean_class_acc": "mean class", "many_acc": "many", "medium_acc": "medium",
+           "few_acc": "few"}
+#: published metric (ltlib.published accuracy_metric) -> results.json metric key.
+_PUBLISHED_TO_OURS = {"top1": "top1", "many": "many_acc", "medium": "medium_acc", "few": "few_acc"}
+_PAPER_NAMES = {"bbn": "BBN", "fbl": "FBL", "two_head": "two-head"}
+
+# Config keys that say where and how a run ran, not what it trained: left out when cells are formed
+# (the same keys ltlib.run lets differ when it resumes a run, plus the run's name).
+_IGNORED_PREFIXES = ("logger", "callbacks", "hydra", "ckpt_path", "resume", "run_name", "trainer.plugins")
+_IGNORED_KEYS = frozenset({
+    "data.num_workers", "data.pin_memory", "data.loader", "data.eval_batch_size", "trainer._target_",
+    "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes", "trainer.precision",
+    "trainer.speed", "trainer.benchmark", "trainer.deterministic", "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps", "trainer.enable_model_summary", "trainer.default_root_dir",
+    "method.cluster_checkpoint",
+})
+#: Last key components naming a location (data roots, download switches): also left out.
+_IGNORED_LEAVES = ("root", "download")
+#: Method options that point at other runs; replaced by the method of the run they point at.
+_RUN_REFERENCES = ("method.stage1_checkpoint", "method.members")
+
+
+# ------------------------------------------------------------------------------------ the runs
+@dataclass
+class RunRecord:
+    """One run directory (or a multirun job that never started) as the report sees it."""
+
+    run_dir: str
+    status: str  # ok | failed | unreadable | no_metrics | not_started
+    reason: str = ""
+    method: str | None = None
+    dataset: str | None = None
+    imbalance_ratio: float | None = None
+    backbone: str | None = None
+    epochs: int | None = None
+    seeds: dict[str, Any] = field(default_factory=dict)
+    setting: dict[str, Any] = field(default_factory=dict)
+    method_config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def groupable(self) -> bool:
+        return self.method is not None and self.dataset is not None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(node, (list, tuple)):
+        return {prefix: json.dumps(node, sort_keys=True, default=str)}
+    return {prefix: node}
+
+
+def is_seed_key(key: str) -> bool:
+    """Whether a flattened config key is a seed (a replicate axis of mean ± std)."""
+    last = key.rsplit(".", 1)[-1]
+    return last == "seed" or last.endswith("_seed")
+
+
+def _ignored(key: str) -> bool:
+    return (key in _IGNORED_KEYS or key.rsplit(".", 1)[-1] in _IGNORED_LEAVES
+            or any(key == p or key.startswith(p + ".") for p in _IGNORED_PREFIXES))
+
+
+def _referenced_run_label(path: Any) -> str:
+    """The method (and variant) of the run a checkpoint or run directory belongs to, else the path."""
+    if not path:
+        return str(path)
+    given = Path(str(path)).expanduser()
+    for run_dir in (given, given.parent.parent):
+        results = run_dir / RESULTS_JSON
+        if results.is_file():
+            try:
+                payload = json.loads(results.read_text())
+            except (OSError, ValueError):
+                break
+            config = payload.get("config") or {}
+            method = payload.get("method") or "?"
+            variant = method_variant(method, config.get("method") or {})
+            return method + (f"[{format_variant(variant)}]" if variant else "")
+    return str(path)
+
+
+def _setting(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(setting, seeds)`` of a resolved config: the flattened keys that define the cell, and the seeds."""
+    setting, seeds = {}, {}
+    for key, value in _flatten(config).items():
+        if is_seed_key(key):
+            seeds[key] = value
+        elif key in _RUN_REFERENCES:
+            references = json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+            if isinstance(references, list):
+                setting[key] = json.dumps(sorted(_referenced_run_label(r) for r in references))
+            else:
+                setting[key] = _referenced_run_label(references)
+        elif not _ignored(key):
+            setting[key] = value
+    return setting, seeds
+
+
+@functools.lru_cache(maxsize=64)
+def _default_method_config_json(name: str) -> str:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ltlib.run import config_dir
+    from ltlib.study import restored_hydra_state
+
+    try:
+        with restored_hydra_state(), initialize_config_dir(config_dir=config_dir(), version_base="1.3",
+                                                           job_name="report"):
+            cfg = compose("config", overrides=[f"method={name}"])
+        return json.dumps(OmegaConf.to_container(cfg.method, resolve=True), default=str)
+    except Exception:  # noqa: BLE001 - an unknown or custom method has no defaults to compare with
+        return "null"
+
+
+def default_method_config(name: str) -> dict[str, Any] | None:
+    """The packaged ``conf/method/<name>.yaml`` as composed by Hydra (None for an unknown method)."""
+    value = json.loads(_default_method_config_json(name))
+    return value if isinstance(value, dict) else None
+
+
+def method_variant(method: str, method_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The method options a run changed from the method config's defaults (seeds and file paths aside)."""
+    defaults = default_method_config(method)
+    if defaults is None:
+        return {}
+    variant = {}
+    for key, value in method_config.items():
+        if key.startswith("_") or is_seed_key(key) or f"method.{key}" in _RUN_REFERENCES or _ignored(f"method.{key}"):
+            continue
+        if key not in defaults or defaults[key] != value:
+            variant[key] = value
+    return variant
+
+
+#: How setting keys that tell cells apart are shown.
+_DISPLAY_KEYS = {"method.stage1_checkpoint": "stage 1", "method.members": "members"}
+
+
+def format_variant(variant: Mapping[str, Any]) -> str:
+    """``k=v, ...`` in key order (run references shown as ``stage 1=<method>``)."""
+    return ", ".join(f"{_DISPLAY_KEYS.get(k, k)}={v}" for k, v in sorted(variant.items()))
+
+
+def _resolved_hydra_config(run_dir: Path) -> tuple[dict[str, Any] | None, str | None, list[str]]:
+    """``(config, method choice, overrides)`` from a run directory's ``.hydra/`` (config resolved where
+    it can be; the logger's ``${hydra:...}`` paths are dropped first)."""
+    from omegaconf import OmegaConf
+
+    hydra_dir = run_dir / ".hydra"
+    config, method, overrides = None, None, []
+    try:
+        if (hydra_dir / "config.yaml").is_file():
+            cfg = OmegaConf.load(hydra_dir / "config.yaml")
+            for key in ("logger", "callbacks"):
+                cfg.pop(key, None)
+            try:
+                config = OmegaConf.to_container(cfg, resolve=True)
+            except Exception:  # noqa: BLE001 - unresolvable interpolations: keep them as written
+                config = OmegaConf.to_container(cfg, resolve=False)
+        if (hydra_dir / "hydra.yaml").is_file():
+            method = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.runtime.choices.method")
+        if (hydra_dir / "overrides.yaml").is_file():
+            overrides = [str(o) for o in OmegaConf.load(hydra_dir / "overrides.yaml")]
+    except Exception:  # noqa: BLE001 - a damaged .hydra dir: the run is still listed
+        pass
+    return config, (str(method) if method else None), overrides
+
+
+def _fill_from_config(record: RunRecord, config: Mapping[str, Any], method: str | None,
+                      aliases: Mapping[str, str]) -> None:
+    data = config.get("data") or {}
+    dataset = data.get("name") if isinstance(data, Mapping) else None
+    record.method = method
+    record.dataset = aliases.get(str(dataset), str(dataset)) if dataset else None
+    ratio = data.get("imbalance_ratio") if isinstance(data, Mapping) else None
+    record.imbalance_ratio = float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else None
+    backbone = config.get("backbone") or {}
+    record.backbone = str(backbone.get("name")) if isinstance(backbone, Mapping) and backbone.get("name") else None
+    epochs = (config.get("trainer") or {}).get("max_epochs")
+    record.epochs = int(epochs) if isinstance(epochs, int) else None
+    record.method_config = dict(config.get("method") or {})
+    record.setting, record.seeds = _setting(config)
+    if record.dataset and dataset != record.dataset:
+        record.setting["data.name"] = record.dataset
+
+
+def read_run(run_dir: str | os.PathLike[str], split: str = "test", aliases: Mapping[str, str] | None = None) -> RunRecord:
+    """The :class:`RunRecord` of one run directory."""
+    run_dir = Path(run_dir)
+    aliases = aliases or {}
+    record = RunRecord(str(run_dir), "ok")
+    results_file = run_dir / RESULTS_JSON
+    hydra_config, hydra_method, record.overrides = _resolved_hydra_config(run_dir)
+    if not results_file.is_file():
+        record.status, record.reason = "failed", "no results.json (the run failed or has not finished)"
+        if hydra_config is not None:
+            _fill_from_config(record, hydra_config, hydra_method, aliases)
+        return record
+    try:
+        payload = json.loads(results_file.read_text())
+        config = payload["config"]
+        if not isinstance(config, Mapping):
+            raise ValueError("no config")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        record.status, record.reason = "unreadable", f"results.json could not be read ({type(exc).__name__}: {exc})"
+        if hydra_config is not None:
+            _fill_from_config(record, hydra_config, hydra_method, aliases)
+        return record
+    _fill_from_config(record, config, str(payload.get("method") or hydra_method or "?"), aliases)
+    metrics = (payload.get("metrics") or {}).get(split)
+    if not isinstance(metrics, Mapping) or metrics.get("top1") is None:
+        record.status, record.reason = "no_metrics", f"results.json has no {split} metrics"
+        return record
+    record.metrics = {key: (None if metrics.get(key) is None else float(metrics[key])) for key in METRICS}
+    return record
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / RESULTS_JSON).is_file() or (path / ".hydra").is_dir()
+
+
+def find_run_dirs(root: str | os.PathLike[str]) -> list[Path]:
+    """Every run directory under ``root`` (``root`` itself when it is one), in sorted order; a run
+    directory's own subdirectories are not searched."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LtlibError(f"sweep directory {str(root)!r} does not exist")
+    found = []
+    for current, dirs, _files in os.walk(root):
+        path = Path(current)
+        if _is_run_dir(path):
+            found.append(path)
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(found)
+
+
+def expected_jobs(multirun_yaml: str | os.PathLike[str]) -> list[list[str]] | None:
+    """The override lists of every job a Hydra multirun planned (basic sweeper: the sweeper's params and
+    the command line's sweeps expanded), or None when it cannot be told (another sweeper)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(multirun_yaml)
+        sweeper = OmegaConf.select(cfg, "hydra.sweeper._target_") or ""
+        if not str(sweeper).endswith("BasicSweeper"):
+            return None
+        params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+        arguments = [f"{k}={v}" for k, v in params.items()]
+        arguments += [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task") or []]
+        parsed = OverridesParser.create().parse_overrides(arguments)
+        batches = BasicSweeper.split_arguments(parsed, None)
+    except Exception:  # noqa: BLE001 - an unreadable multirun.yaml: no expectations
+        return None
+    return [list(job) for batch in batches for job in batch]
+
+
+def collect_runs(sweep_dirs: Sequence[str | os.PathLike[str]], split: str = "test",
+                 aliases: Mapping[str, str] | None = None) -> list[RunRecord]:
+    """Every run under the sweep directories, plus the multirun jobs that never started."""
+    if split not in SPLITS:
+        raise unknown_name("split", split, SPLITS)
+    records: list[RunRecord] = []
+    for sweep_dir in sweep_dirs:
+        run_dirs = find_run_dirs(sweep_dir)
+        records += [read_run(d, split, aliases) for d in run_dirs]
+        for multirun in sorted(Path(sweep_dir).rglob("multirun.yaml")):
+            planned = expected_jobs(multirun)
+            if planned is None:
+                continue
+            seen = [sorted(r.overrides) for r in records if Path(r.run_dir).parent == multirun.parent]
+            for job in planned:
+                if sorted(job) in seen:
+                    seen.remove(sorted(job))
+                else:
+                    records.append(RunRecord(str(multirun.parent), "not_started",
+                                             "planned by the multirun but no run directory", overrides=job))
+    if not records:
+        raise LtlibError(f"no runs (directories with results.json or .hydra/) under {', '.join(map(str, sweep_dirs))}")
+    return records
+
+
+# ------------------------------------------------------------------------------------ the cells
+@dataclass
+class Cell:
+    """Runs of one setting and their statistics (accuracies in %)."""
+
+    method: str
+    variant: dict[str, Any]
+    dataset: str
+    imbalance_ratio: float | None
+    backbone: str | None
+    epochs: int | None
+    setting: dict[str, Any]
+    runs: list[RunRecord]
+    other: dict[str, Any] = field(default_factory=dict)
+    published: list[PublishedResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.status == "ok"]
+
+    @property
+    def label(self) -> str:
+        """The method and the options it changed from its defaults, e.g. ``bbn [adaptor=linear_decay]``."""
+        return self.method + (f" [{format_variant(self.variant)}]" if self.variant else "")
+
+    @property
+    def name(self) -> str:
+        """:attr:`label` plus the settings that tell it from cells of the same method, data and backbone."""
+        return self.label + (f" ({format_variant(self.other)})" if self.other else "")
+
+    def stats(self, key: str) -> tuple[float, float, int]:
+        """``(mean, sample std, n)`` of a metric over the finished runs, in % (NaN when undefined; the
+        std needs two runs)."""
+        values = np.array([100.0 * r.metrics[key] for r in self.ok if r.metrics.get(key) is not None])
+        if not len(values):
+            return math.nan, math.nan, 0
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan, len(values)
+
+
+def _cell_key(record: RunRecord) -> str:
+    return json.dumps([record.method, record.setting], sort_keys=True, default=str)
+
+
+def build_cells(records: Iterable[RunRecord], any_backbone: bool = False) -> list[Cell]:
+    """Group runs into cells (equal settings up to seeds) and attach the published numbers."""
+    grouped: dict[str, list[RunRecord]] = {}
+    for record in records:
+        if record.groupable and record.status in ("ok", "failed", "no_metrics", "unreadable"):
+            grouped.setdefault(_cell_key(record), []).append(record)
+    cells = []
+    for runs in grouped.values():
+        first = runs[0]
+        variant = method_variant(str(first.method), first.method_config)
+        cell = Cell(str(first.method), variant, str(first.dataset), first.imbalance_ratio, first.backbone,
+                    first.epochs, first.setting, runs)
+        cell.published = find_published(cell.method, cell.dataset, cell.imbalance_ratio,
+                                        backbone=None if any_backbone else cell.backbone,
+                                        method_config=first.method_config, variant_keys=variant)
+        cells.append(cell)
+    # Settings that differ between cells of the same method, data and backbone are shown with the cell.
+    families: dict[tuple[Any, ...], list[Cell]] = {}
+    for cell in cells:
+        families.setdefault((cell.label, cell.dataset, cell.imbalance_ratio, cell.backbone), []).append(cell)
+    for family in families.values():
+        if len(family) < 2:
+            continue
+        keys = sorted({k for c in family for k in c.setting})
+        differing = [k for k in keys if len({json.dumps(c.setting.get(k), default=str) for c in family}) > 1]
+        for cell in family:
+            cell.other = {k: cell.setting.get(k) for k in differing}
+    cells.sort(key=lambda c: (c.dataset, -1.0 if c.imbalance_ratio is None else -c.imbalance_ratio,
+                              c.backbone or "", c.label, json.dumps(c.other, default=str)))
+    return cells
+
+
+# ------------------------------------------------------------------------------------ the outputs
+def _short_source(result: PublishedResult) -> str:
+    table = result.table.split(" (")[0].replace("Table ", "T")
+    return f"{_PAPER_NAMES.get(result.paper, result.paper)} {table}"
+
+
+def _fmt(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _ratio_text(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:g}"
+
+
+def _runs_text(cell: Cell) -> str:
+    ok = len(cell.ok)
+    bad = len(cell.runs) - ok
+    return f"{ok}" if not bad else f"{ok}/{len(cell.runs)} ({bad} failed)"
+
+
+def _published_for(cell: Cell, metric: str) -> list[PublishedResult]:
+    return [p for p in cell.published if _PUBLISHED_TO_OURS.get(p.accuracy_metric) == metric]
+
+
+def report_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """One flat dict per cell: identity, run counts, mean / std / n per metric, seeds, and for every
+    published source matched anywhere in the report ``published <metric> (<source>)`` and
+    ``delta <metric> (<source>)`` (ours - published, %)."""
+    sources = sorted({(_short_source(p), p.accuracy_metric) for c in cells for p in c.published})
+    rows = []
+    for cell in cells:
+        row: dict[str, Any] = {
+            "method": cell.method, "variant": format_variant(cell.variant), "dataset": cell.dataset,
+            "imbalance_ratio": cell.imbalance_ratio, "backbone": cell.backbone, "epochs": cell.epochs,
+            "other_settings": format_variant(cell.other), "runs_ok": len(cell.ok),
+            "runs_failed": len(cell.runs) - len(cell.ok),
+            "seeds": "; ".join(json.dumps(r.seeds, sort_keys=True) for r in cell.ok),
+        }
+        for key in METRICS:
+            mean, std, n = cell.stats(key)
+            row.update({f"{key}_mean": mean, f"{key}_std": std, f"{key}_n": n})
+        for source, metric in sources:
+            ours_key = _PUBLISHED_TO_OURS[metric]
+            match = [p for p in cell.published if _short_source(p) == source and p.accuracy_metric == metric]
+            value = match[0].accuracy if match else math.nan
+            row[f"published {metric} ({source})"] = value
+            row[f"delta {metric} ({source})"] = cell.stats(ours_key)[0] - value if match else math.nan
+        rows.append(row)
+    return rows
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    columns = list(columns or (rows[0].keys() if rows else []))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else
+                             round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in columns})
+    return buffer.getvalue()
+
+
+def missing_records(records: Sequence[RunRecord]) -> list[RunRecord]:
+    return [r for r in records if r.status != "ok"]
+
+
+def report_markdown(cells: Sequence[Cell], records: Sequence[RunRecord], split: str = "test",
+                    sweep_dirs: Sequence[str] = ()) -> str:
+    """The report as markdown: the cell table with published numbers, then the missing or failed runs."""
+    lines = ["# ltlib comparison report", ""]
+    if sweep_dirs:
+        lines += [f"Runs under {', '.join(f'`{d}`' for d in sweep_dirs)}; accuracies (%) on the {split} split, "
+                  "mean ± sample std over the runs of a cell (seeds); *published*: the paper's number for the same "
+                  "method, dataset, imbalance ratio and backbone (paper and table), Δ = ours − published.", ""]
+    lines.append("| method | dataset | IR | backbone | epochs | runs | top-1 | mean class | many | medium | few "
+                 "| published top-1 | Δ top-1 |")
+    lines.append("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for cell in cells:
+        label = cell.name
+        stats = {key: cell.stats(key) for key in METRICS}
+        published = _published_for(cell, "top1")
+        ours = stats["top1"][0]
+        pub_text = "; ".join(f"{p.accuracy:.2f} ({_short_source(p)})" for p in published) or "–"
+        delta_text = "; ".join("–" if math.isnan(ours) else f"{ours - p.accuracy:+.2f}" for p in published) or "–"
+        lines.append(f"| {label} | {cell.dataset} | {_ratio_text(cell.imbalance_ratio)} | {cell.backbone or '–'} | "
+                     f"{cell.epochs if cell.epochs is not None else '–'} | {_runs_text(cell)} | "
+                     + " | ".join(_fmt(m, s) for m, s, _ in stats.values()) + f" | {pub_text} | {delta_text} |")
+    shot_published = [(c, p) for c in cells for p in c.published if p.accuracy_metric in ("many", "medium", "few")]
+    if shot_published:
+        lines += ["", "Published many / medium / few-shot accuracy for the same cells:", "",
+                  "| method | dataset | source | metric | published | ours | Δ |", "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+        for cell, p in shot_published:
+            ours = cell.stats(_PUBLISHED_TO_OURS[p.accuracy_metric])[0]
+            delta = "–" if math.isnan(ours) else f"{ours - p.accuracy:+.2f}"
+            lines.append(f"| {cell.label} | {cell.dataset} | {_short_source(p)} | {p.accuracy_metric} | "
+                         f"{p.accuracy:.2f} | {_fmt(ours, math.nan)} | {delta} |")
+    missing = missing_records(records)
+    lines += ["", f"## Missing or failed runs ({len(missing)})", ""]
+    if not missing:
+        lines.append("None: every run finished and has its metrics.")
+    else:
+        lines += ["| run directory | status | reason | method | dataset | IR | overrides |",
+                  "| --- | --- | --- | --- | --- | ---: | --- |"]
+        for r in missing:
+            lines.append(f"| `{r.run_dir}` | {r.status} | {r.reason} | {r.method or '–'} | {r.dataset or '–'} | "
+                         f"{_ratio_text(r.imbalance_ratio)} | `{' '.join(r.overrides)}` |")
+    sources = sorted({(p.paper, p.table, p.caption) for c in cells for p in c.published})
+    if sources:
+        from ltlib.published import papers
+
+        info = papers()
+        lines += ["", "## Published sources", ""]
+        for paper, table, caption in sources:
+            meta = info.get(paper, {})
+            lines.append(f"* {_PAPER_NAMES.get(paper, paper)} {table}: {caption} — {meta.get('authors', '')}, "
+                         f"\"{meta.get('title', paper)}\", {meta.get('venue', '')}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(cells: Sequence[Cell], path: str | os.PathLike[str] | None = None) -> Figure:
+    """Top-1 mean ± std per cell as horizontal bars, one panel per dataset and imbalance ratio, the
+    published numbers as markers (one marker shape per paper)."""
+    panels: dict[tuple[str, float | None], list[Cell]] = {}
+    for cell in cells:
+        panels.setdefault((cell.dataset, cell.imbalance_ratio), []).append(cell)
+    if not panels:
+        raise LtlibError("no cells to plot")
+    heights = [0.32 * len(group) + 1.4 for group in panels.values()]
+    longest = max(len(c.name) + len(c.backbone or "") for c in cells)
+    figure = Figure(figsize=(6.0 + 0.06 * min(longest, 90), sum(heights)), layout="constrained")
+    axes = figure.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    markers = {"bbn": "D", "fbl": "^", "two_head": "s"}
+    for ax, ((dataset, ratio), group) in zip(axes, panels.items(), strict=True):
+        y = np.arange(len(group))[::-1]
+        stats = [c.stats("top1") for c in group]
+        ax.barh(y, [s[0] for s in stats], xerr=[0.0 if math.isnan(s[1]) else s[1] for s in stats], capsize=3,
+                color="#4C72B0", alpha=0.85, label="ours (mean ± std)")
+        seen: set[str] = set()
+        for yi, cell in zip(y, group, strict=True):
+            for p in _published_for(cell, "top1"):
+                label = None if p.paper in seen else f"published ({_PAPER_NAMES.get(p.paper, p.paper)})"
+                seen.add(p.paper)
+                ax.scatter([p.accuracy], [yi], marker=markers.get(p.paper, "o"), color="black", zorder=3, s=25,
+                           label=label)
+        ax.set_yticks(y, [c.name + (f" · {c.backbone}" if c.backbone else "") for c in group], fontsize=8)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("top-1 accuracy (%)")
+        ax.set_title(f"{dataset}" + ("" if ratio is None else f", imbalance ratio {ratio:g}"), fontsize=10)
+        ax.legend(fontsize="x-small", loc="lower right")
+    if path is not None:
+        save_figure(figure, path)
+    return figure
+
+
+def write_report(sweep_dirs: Sequence[str | os.PathLike[str]], output_dir: str | os.PathLike[str] | None = None, *,
+                 split: str = "test", aliases: Mapping[str, str] | None = None, any_backbone: bool = False
+                 ) -> tuple[list[Cell], list[RunRecord], list[Path]]:
+    """Collect the runs, build the cells and write ``report.md``, ``report.csv``, ``report.png`` and
+    ``report_missing.csv``; returns ``(cells, records, files)``."""
+    if not sweep_dirs:
+        raise LtlibError("no sweep directory given")
+    records = collect_runs(sweep_dirs, split, aliases)
+    cells = build_cells(records, any_backbone)
+    out = Path(output_dir) if output_dir is not None else Path(sweep_dirs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / REPORT_MD, out / REPORT_CSV, out / MISSING_CSV]
+    files[0].write_text(report_markdown(cells, records, split, [str(d) for d in sweep_dirs]))
+    files[1].write_text(_csv_text(report_rows(cells)))
+    missing = [{"run_dir": r.run_dir, "status": r.status, "reason": r.reason, "method": r.method,
+                "dataset": r.dataset, "imbalance_ratio": r.imbalance_ratio, "overrides": " ".join(r.overrides)}
+               for r in missing_records(records)]
+    files[2].write_text(_csv_text(missing, ["run_dir", "status", "reason", "method", "dataset", "imbalance_ratio",
+                                            "overrides"]))
+    if cells:
+        files.append(out / REPORT_PNG)
+        plot_report(cells, files[-1])
+    return cells, records, files
+
+
+def _parse_aliases(items: Sequence[str]) -> dict[str, str]:
+    aliases = {}
+    for item in items:
+        name, sep, alias = item.partition("=")
+        if not sep or not name or not alias:
+            raise LtlibError(f"--alias {item!r} is not NAME=DATASET (e.g. folder=cifar10_lt)")
+        aliases[name] = alias
+    return aliases
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ltlib.report",
+        description="Table of every run under a sweep directory: method x dataset x imbalance ratio, mean ± std "
+                    "over seeds, next to the papers' published numbers; missing and failed runs listed.")
+    parser.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR")
+    parser.add_argument("-o", "--output-dir", default=None, help="where to write (default: SWEEP_DIR/report)")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="split of the numbers (default: test)")
+    parser.add_argument("--alias", action="append", default=[], metavar="NAME=DATASET",
+                        help="report data.name NAME as DATASET (e.g. folder=cifar10_lt; repeatable)")
+    parser.add_argument("--any-backbone", action="store_true",
+                        help="match published numbers whatever their backbone (default: the same backbone)")
+    args = parser.parse_args(argv)
+    try:
+        cells, records, files = write_report(args.sweep_dirs, args.output_dir, split=args.split,
+                                             aliases=_parse_aliases(args.alias), any_backbone=args.any_backbone)
+    except LtlibError as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        print(f"ltlib: error: {message}", file=sys.stderr)
+        return 2
+    print(files[0].read_text())
+    for path in files:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
