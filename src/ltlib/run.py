@@ -104,7 +104,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         trainer_cfg["enable_progress_bar"] = sys.stdout.isatty()
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     extra_callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=[best, last, LearningRateMonitor("epoch"), *extra_callbacks],
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=[best, last, *([LearningRateMonitor("epoch")] if logger else []),
+                                                               *extra_callbacks],
                                      logger=logger, default_root_dir=str(output_dir))
 
     ckpt_path = cfg.ckpt_path
