@@ -29,7 +29,8 @@ def compose_cfg(*overrides: str):
 @pytest.mark.parametrize("method", group_options("method"))
 def test_every_method_and_data_composes(method, data):
     required = {"folder": ["data.root=/tmp/x"],
-                "filelist": ["data.root=/tmp/x", "data.source.train_list=a.txt", "data.source.test_list=b.txt"]}
+                "filelist": ["data.root=/tmp/x", "data.source.train_list=a.txt", "data.source.test_list=b.txt"],
+                **{name: ["data.root=/tmp/x"] for name in ("imagenet_lt", "places_lt", "inat2017", "inat2018")}}
     cfg = compose_cfg(f"method={method}", f"data={data}", *required.get(data, []))
     for node in ("method", "data", "backbone", "trainer"):
         get_method(cfg[node]["_target_"])  # the target resolves to a real callable

@@ -9,14 +9,27 @@ Examples::
     python -m ltlib.run                                   # CE on the embedded digits_lt, CPU
     python -m ltlib.run method=rw data=cifar10_lt data.imbalance_ratio=50
     python -m ltlib.run -m method=ce,rw,rs data.imbalance_ratio=10,50,100
-    python -m ltlib.run ckpt_path=outputs/.../checkpoints/last.ckpt   # resume
+    python -m ltlib.run ckpt_path=outputs/.../checkpoints/last.ckpt   # resume from a checkpoint
+    python -m ltlib.run run_name=bbn_c100 method=bbn    # outputs/<data>/bbn/bbn_c100: rerun to resume
+
+Fault tolerance (docs/scaling.md): with ``resume=auto`` (default) a run whose directory already holds a
+checkpoint resumes from the newest one (``checkpoints/last.ckpt``, written after every epoch, or
+Lightning's ``hpc_ckpt_N.ckpt`` after a SLURM requeue), provided it was written under the same training
+configuration. Every epoch's host random streams are seeded from ``(seed, epoch, rank)``
+(:class:`ltlib.callbacks.EpochSeeding`), so a run resumed from ``last.ckpt`` (``num_workers=0``) ends
+exactly where the uninterrupted run does. SIGTERM stops after the current step (exit status 143); a non-finite loss stops
+the run with one line naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +40,24 @@ from omegaconf import DictConfig, OmegaConf
 from ltlib.errors import LtlibError
 
 log = logging.getLogger("ltlib")
+
+# conf/hydra/launcher/submitit_slurm.yaml extends the plugin's config of the same name, which Hydra 1.3
+# still merges (and checks) against the plugin's schema, with a deprecation note at every start.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+
+RESUME_MODES = ("auto", "never")
+#: Config keys that may differ between a checkpoint and the run that resumes it automatically: where
+#: the data and outputs live, logging, hardware placement and speed settings. Any other difference
+#: (method, optimiser, epochs, seed, data subset, devices, ...) means another run: resume=auto refuses it.
+RESUME_INDEPENDENT_KEYS = (
+    "ckpt_path", "resume", "run_name", "eval_checkpoint", "logger", "callbacks",
+    "trainer._target_", "trainer.accelerator", "trainer.strategy", "trainer.precision", "trainer.speed",
+    "trainer.benchmark", "trainer.deterministic", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps", "trainer.plugins",
+    "data.num_workers", "data.pin_memory", "data.loader", "data.eval_batch_size",
+)
+#: Last components of keys that name a location (data roots, download switches): also independent.
+RESUME_INDEPENDENT_LEAVES = ("root", "download")
 
 
 def config_dir() -> str:
@@ -59,6 +90,167 @@ def quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # resume=auto checks the resumed run's configuration itself, and carry_over_metrics_log keeps the
+    # resumed run's earlier log rows: Lightning's notes about existing files are beside the point.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+
+
+class RunInterrupted(Exception):
+    """Training stopped on SIGTERM; the message says how to resume."""
+
+
+def exit_when_orphaned(poll_seconds: float = 2.0) -> None:
+    """Exit this process once the process that launched it is gone.
+
+    For processes started by a launcher (Lightning's DDP launcher, torchrun, srun: ``LOCAL_RANK`` is
+    set): when the launcher is killed (SIGKILL, a lost node), a DDP rank would otherwise wait in a
+    collective operation until its timeout (30 minutes for gloo), holding its device in the way of
+    the resumed run.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent:
+                print(f"ltlib: rank {os.environ.get('LOCAL_RANK')}: the launching process {parent} is gone; exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ltlib-orphan-watchdog", daemon=True).start()
+
+
+def global_rank() -> int:
+    """This process's global rank (also in a DDP child before the trainer starts; 0 without DDP)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
+def is_global_zero() -> bool:
+    return global_rank() == 0
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def _resume_independent(key: str) -> bool:
+    return (key.rsplit(".", 1)[-1] in RESUME_INDEPENDENT_LEAVES
+            or any(key == k or key.startswith(k + ".") for k in RESUME_INDEPENDENT_KEYS))
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Training-relevant keys whose values differ between two resolved configs, as ``key (a -> b)``.
+
+    Keys present in only one of them (options added or removed by another ltlib version, each with
+    its own default) do not count: the check is for a changed experiment, not a changed schema.
+    """
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(old) & set(new) if not _resume_independent(k) and old[k] != new[k])
+    return [f"{k} ({old[k]!r} -> {new[k]!r})" for k in keys]
+
+
+def find_resume_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint a run directory holds: ``checkpoints/last.ckpt`` (end of an epoch) or
+    Lightning's ``hpc_ckpt_N.ckpt`` (saved on a SLURM requeue signal, mid-epoch)."""
+    candidates = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def resolve_checkpoint(cfg: DictConfig, output_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The checkpoint ``fit`` resumes from (``ckpt_path``, else ``resume=auto``'s choice) and its
+    contents' header (``global_step``, ``epoch``; empty when starting afresh)."""
+    import torch
+
+    from ltlib.callbacks import ConfigInCheckpoint
+
+    explicit = cfg.get("ckpt_path")
+    mode = cfg.get("resume", "auto")
+    if mode not in RESUME_MODES:
+        raise LtlibError(f"resume={mode!r} is not allowed; use 'auto' (resume from the run directory's newest "
+                         "checkpoint when there is one) or 'never' (ckpt_path=<file> resumes from a given file)")
+    if explicit is not None:
+        path = output_dir / "checkpoints" / "last.ckpt" if explicit == "last" else Path(str(explicit))
+        if not path.is_file():
+            raise LtlibError(f"ckpt_path={explicit!r}: no checkpoint file at {path}")
+    elif mode == "auto":
+        path = find_resume_checkpoint(output_dir)
+        if path is None:
+            return None, {}
+    else:
+        return None, {}
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise LtlibError(f"checkpoint {path} cannot be read ({type(exc).__name__}); pass resume=never to start "
+                         "afresh or ckpt_path=<another checkpoint>") from exc
+    saved_config = checkpoint.get(ConfigInCheckpoint.key)
+    if explicit is None and isinstance(saved_config, dict):
+        differences = config_differences(saved_config, OmegaConf.to_container(cfg, resolve=True))
+        if differences:
+            shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+            raise LtlibError(f"the run directory {output_dir} holds {path.name} of a run with another configuration "
+                             f"({shown}); use another run_name / hydra.run.dir, resume=never to start afresh, or "
+                             f"ckpt_path={path} to resume from it anyway")
+    return path, {"global_step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0))}
+
+
+def _relaunches_script(trainer: Any) -> bool:
+    """Whether this is a Hydra multirun job whose trainer would start its DDP processes by re-running the
+    command line (Lightning's subprocess launcher), which would restart the whole sweep in each process."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher)
+
+
+def carry_over_metrics_log(logger: Any, resume_step: int) -> int:
+    """Keep a resumed run's earlier rows of ``logs/metrics.csv``.
+
+    Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts; the rows logged before the
+    checkpoint's step are read first and logged again into the new file. Rows from the lost part of
+    the interrupted epoch (step >= the checkpoint's) are dropped: the resumed run logs them anew.
+    Returns the number of rows kept.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    if not isinstance(logger, CSVLogger):
+        return 0
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return 0
+
+    def number(text: Any) -> float | int | None:
+        """The cell's value; None for an empty cell or one cut short by the kill."""
+        try:
+            return int(text) if str(text).lstrip("-").isdigit() else float(text)
+        except (TypeError, ValueError):
+            return None
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept = 0
+    writer = logger.experiment  # creating it removes the old file
+    for row in rows:
+        step = number(row.pop("step", None))
+        if step is None or step >= resume_step:
+            continue
+        values = {k: v for k, v in ((k, number(v)) for k, v in row.items() if k) if v is not None}
+        writer.log_metrics(values, int(step))
+        kept += 1
+    writer.save()
+    return kept
 
 
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -68,12 +260,27 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.plugins.io import CheckpointIO
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from ltlib.analysis import print_results_table, write_results
+    from ltlib.callbacks import (
+        AtomicCheckpointIO,
+        ConfigInCheckpoint,
+        EpochSeeding,
+        FlushLogsEachEpoch,
+        NonFiniteLossGuard,
+        newest_checkpoint,
+        remove_partial_checkpoints,
+    )
 
     quiet_third_party_noise()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    eval_ckpt = cfg.eval_checkpoint
+    if eval_ckpt not in ("best", "last"):
+        raise LtlibError(f"eval_checkpoint={eval_ckpt!r} is not allowed; use 'best' or 'last'")
+    ckpt_path, resumed = resolve_checkpoint(cfg, output_dir)
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -93,8 +300,11 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     )
 
     checkpoint_dir = output_dir / "checkpoints"
+    has_validation = datamodule.split_info["val"]["size"] > 0
+    # Without a validation split there is nothing to select on: the last epoch is evaluated.
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=cfg.monitor, mode=cfg.monitor_mode,
-                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+                           save_top_k=1, auto_insert_metric_name=False,
+                           enable_version_counter=False) if has_validation else None
     # Lightning's save_last writes last.ckpt only in epochs where the best one improved: a separate,
     # unmonitored callback overwrites last.ckpt after every epoch instead.
     last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
@@ -104,26 +314,46 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         trainer_cfg["enable_progress_bar"] = sys.stdout.isatty()
     logger = instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     extra_callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=[best, last, *([LearningRateMonitor("epoch")] if logger else []),
-                                                               *extra_callbacks],
-                                     logger=logger, default_root_dir=str(output_dir))
+    resolved_config = OmegaConf.to_container(cfg, resolve=True)
+    fault_callbacks = [EpochSeeding(cfg.seed), NonFiniteLossGuard(int(trainer_cfg.get("log_every_n_steps") or 50)),
+                       FlushLogsEachEpoch(), ConfigInCheckpoint(resolved_config)]
+    checkpoint_callbacks = [c for c in (best, last) if c is not None]
+    plugins = [instantiate(p) if isinstance(p, dict) else p for p in trainer_cfg.pop("plugins", None) or []]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    trainer: L.Trainer = instantiate(
+        trainer_cfg, callbacks=[*checkpoint_callbacks, *([LearningRateMonitor("epoch")] if logger else []),
+                               *fault_callbacks, *extra_callbacks],
+        logger=logger, default_root_dir=str(output_dir), plugins=plugins)
 
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(checkpoint_dir / "last.ckpt")
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise LtlibError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint file at {ckpt_path}")
+    if _relaunches_script(trainer):
+        raise LtlibError(f"a -m sweep cannot run trainer.devices={cfg.trainer.get('devices')} processes through "
+                         "Lightning's launcher (it restarts the command, sweep included); use "
+                         "hydra/launcher=submitit_slurm, torchrun --nproc_per_node=N -m ltlib.run -m ... run_name=<name>, "
+                         "or one command per sweep cell")
+    if is_global_zero():
+        remove_partial_checkpoints(checkpoint_dir)
+        # An unfinished run never has a results.json (the report would take it as complete).
+        (output_dir / "results.json").unlink(missing_ok=True)
+        if ckpt_path is not None:
+            kept = carry_over_metrics_log(logger, resumed["global_step"])
+            log.info("resuming from %s (epoch %d, step %d; %d earlier log rows kept)", ckpt_path,
+                     resumed["epoch"], resumed["global_step"], kept)
     log.info("method %s, backbone %s, %s epochs; run directory %s", choices.get("method", type(method).__name__),
              choices.get("backbone", "custom"), cfg.trainer.max_epochs, output_dir)
-    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
-
-    eval_ckpt = cfg.eval_checkpoint
-    if eval_ckpt not in ("best", "last"):
-        raise LtlibError(f"eval_checkpoint={eval_ckpt!r} is not allowed; use 'best' or 'last'")
-    selected = best.best_model_path if eval_ckpt == "best" and best.best_model_path else last.best_model_path
-    # The selected checkpoint is evaluated once on validation and once on test.
-    trainer.validate(method, datamodule=datamodule, ckpt_path=selected or None, verbose=False)
-    trainer.test(method, datamodule=datamodule, ckpt_path=selected or None, verbose=False)
+    try:
+        trainer.fit(method, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        selected_best = eval_ckpt == "best" and best is not None and bool(best.best_model_path)
+        selected = best.best_model_path if selected_best else last.best_model_path
+        # The selected checkpoint is evaluated once on validation and once on test.
+        trainer.validate(method, datamodule=datamodule, ckpt_path=selected or None, verbose=False)
+        trainer.test(method, datamodule=datamodule, ckpt_path=selected or None, verbose=False)
+    except SIGTERMException as exc:
+        saved = newest_checkpoint(trainer) or find_resume_checkpoint(output_dir)
+        where = f"the newest checkpoint is {saved}" if saved else "no checkpoint was written yet"
+        raise RunInterrupted(f"stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+                             f"{where}; rerun the same command with hydra.run.dir={output_dir} (resume=auto) "
+                             "to continue") from exc
 
     payload: dict[str, Any] = {}
     if trainer.is_global_zero:
@@ -144,8 +374,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 "data": str(choices.get("data", "custom")),
                 "backbone": str(choices.get("backbone", "custom")),
                 "checkpoint": os.path.relpath(selected, output_dir) if selected else None,
-                "selected_on": f"{cfg.monitor} ({cfg.monitor_mode}) on the validation split" if eval_ckpt == "best"
-                else "last epoch",
+                "selected_on": f"{cfg.monitor} ({cfg.monitor_mode}) on the validation split" if selected_best
+                else "last epoch" if has_validation else "last epoch (no validation split)",
                 "epochs_trained": trainer.current_epoch,
                 "device": str(torch.device(trainer.strategy.root_device)),
                 **analysis,
@@ -167,15 +397,23 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if "LOCAL_RANK" in os.environ:
+        exit_when_orphaned()
     try:
         train(cfg, output_dir)
+    except RunInterrupted as exc:
+        if is_global_zero():
+            print(f"ltlib: interrupted: {exc}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except Exception as exc:  # noqa: BLE001 - user errors become one line, the rest propagate
         user_error = find_user_error(exc)
         if user_error is None:
             raise
         # An error raised in a DataLoader worker arrives with the worker's traceback in its message.
         message = str(user_error).strip().splitlines()[-1].removeprefix("ltlib.errors.LtlibError: ")
-        print(f"ltlib: error: {message}", file=sys.stderr)
+        # Every DDP rank reports (an error may concern one rank's data only), the others with their rank.
+        rank = "" if is_global_zero() else f"rank {global_rank()}: "
+        print(f"ltlib: error: {rank}{message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -279,6 +279,111 @@ def file_list_pools(root: str, train_list: str, test_list: str,
 
 
 # ----------------------------------------------------------------------------------------------------
+# iNaturalist 2017 / 2018: the official COCO-style JSON annotations
+
+
+def _read_json_annotations(path: Path) -> dict:
+    """An iNaturalist annotation file: a JSON object with ``images``, ``annotations`` and ``categories``."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise LtlibError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LtlibError(f"cannot read {path}: {_first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise LtlibError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise LtlibError(f"{path}: missing the {key!r} list; expected the iNaturalist (COCO-style) format "
+                             "with 'images', 'annotations' and 'categories'")
+    return data
+
+
+def _field(path: Path, kind: str, position: int, record: object, key: str, types: type | tuple[type, ...]) -> object:
+    """``record[key]`` of the ``position``-th entry of a JSON list, checked to be of ``types``."""
+    value = record.get(key) if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise LtlibError(f"{path}: {kind} #{position} has no valid {key!r} ({record!r:.120})")
+    return value
+
+
+def _json_split(path: Path, root: str, label_of: dict[int, int]) -> tuple[list[str], list[int]]:
+    """Image paths (under ``root``) and labels of one annotation file, in the order of its images."""
+    data = _read_json_annotations(path)
+    files: dict[int, str] = {}
+    for i, image in enumerate(data["images"]):
+        image_id = _field(path, "image", i, image, "id", int)
+        if image_id in files:
+            raise LtlibError(f"{path}: image id {image_id} appears twice in 'images'")
+        files[image_id] = _field(path, "image", i, image, "file_name", str)
+    category_of: dict[int, int] = {}
+    for i, annotation in enumerate(data["annotations"]):
+        image_id = _field(path, "annotation", i, annotation, "image_id", int)
+        category_id = _field(path, "annotation", i, annotation, "category_id", int)
+        if image_id not in files:
+            raise LtlibError(f"{path}: annotation #{i} refers to image id {image_id}, which is not in 'images'")
+        if category_id not in label_of:
+            raise LtlibError(f"{path}: annotation #{i} has category_id {category_id}, which is not a category of the "
+                             "training annotations")
+        if image_id in category_of:
+            raise LtlibError(f"{path}: image id {image_id} has more than one annotation; expected exactly one label "
+                             "per image")
+        category_of[image_id] = category_id
+    unlabelled = [image_id for image_id in files if image_id not in category_of]
+    if unlabelled:
+        raise LtlibError(f"{path}: {len(unlabelled)} image(s) without an annotation (e.g. image id {unlabelled[0]}, "
+                         f"{files[unlabelled[0]]}); a test-set file without labels cannot be used")
+    if not files:
+        raise LtlibError(f"{path}: no images")
+    ids = list(files)
+    return [os.path.join(root, files[i]) for i in ids], [label_of[category_of[i]] for i in ids]
+
+
+def inaturalist_pools(root: str, train_json: str, val_json: str) -> tuple[FilePool, FilePool]:
+    """iNaturalist 2017 / 2018 pools from the official annotation files (``train2018.json`` and
+    ``val2018.json``, or ``train2017.json`` and ``val2017.json``).
+
+    The files follow the COCO layout: ``images`` (``id``, ``file_name`` relative to ``root``, e.g.
+    ``train_val2018/Plantae/7477/<hash>.jpg``), ``annotations`` (``image_id``, ``category_id``; exactly one
+    per image) and ``categories`` (``id``, ``name``). Labels number the training file's categories in
+    the order of their ids (the official ids 0..C-1 are kept as they are); class names are the
+    categories' ``name``. The validation file is the test pool, as in the long-tail literature. A JSON file
+    is looked up as given, then under ``root``; images are only opened on load.
+    """
+    files = {}
+    for split, name in (("train", train_json), ("val", val_json)):
+        candidates = (Path(name), Path(root) / name)
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise LtlibError(f"iNaturalist annotation file {name} not found (looked as given and under {root})")
+        files[split] = found[0]
+    categories = _read_json_annotations(files["train"])["categories"]
+    names_by_id: dict[int, str] = {}
+    for i, category in enumerate(categories):
+        category_id = _field(files["train"], "category", i, category, "id", int)
+        if category_id in names_by_id:
+            raise LtlibError(f"{files['train']}: category id {category_id} appears twice in 'categories'")
+        names_by_id[category_id] = str(category.get("name", category_id))
+    if not names_by_id:
+        raise LtlibError(f"{files['train']}: no categories")
+    ordered = sorted(names_by_id)
+    label_of = {category_id: label for label, category_id in enumerate(ordered)}
+    names = [names_by_id[category_id] for category_id in ordered]
+    train_paths, train_labels = _json_split(files["train"], root, label_of)
+    counts = np.bincount(train_labels, minlength=len(names))
+    if (counts == 0).any():
+        empty = int(np.flatnonzero(counts == 0)[0])
+        raise LtlibError(f"{files['train']}: category id {ordered[empty]} ({names[empty]}) has no training images; "
+                         "every category needs at least one")
+    val_paths, val_labels = _json_split(files["val"], root, label_of)
+    return (FilePool(train_paths, train_labels, names, name=f"the images annotated in {files['train']}"),
+            FilePool(val_paths, val_labels, names, name=f"the images annotated in {files['val']}"))
+
+
+# ----------------------------------------------------------------------------------------------------
 # scikit-learn digits (8x8 grayscale, bundled: no download)
 
 
