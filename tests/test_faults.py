@@ -271,7 +271,7 @@ def test_resume_auto_picks_the_newest_checkpoint_of_the_same_configuration(tmp_p
 def test_resume_auto_refuses_a_checkpoint_of_another_configuration(tmp_path):
     _save(tmp_path / "checkpoints" / "last.ckpt", _config("method=bbn"))
     other = _config("method=bbn", "optim.lr=0.2", "trainer.max_epochs=7")
-    with pytest.raises(LtlibError, match=r"another configuration \(optim.lr \(0.1 -> 0.2\); trainer.max_epochs "
+    with pytest.raises(LtlibError, match=r"another configuration \(optim.lr \(0.05 -> 0.2\); trainer.max_epochs "
                                          r"\(30 -> 7\)\); use another run_name"):
         resolve_checkpoint(other, tmp_path)
     explicit = _config("method=bbn", "optim.lr=0.2", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
