@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-class ImagePool:
+class ImagePool(ABC):
     """Base class of image pools.
 
     Attributes:
@@ -61,13 +62,13 @@ class ImagePool:
     def __len__(self) -> int:
         return int(self.targets.size)
 
+    @abstractmethod
     def load(self, i: int) -> Image.Image:
         """Decode image ``i`` as a PIL image (mode "RGB" or "L")."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self, i: int) -> str:
         """Say where image ``i`` comes from (a file path or a pool position), for messages."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} images, {self.num_classes} classes)"
