@@ -25,7 +25,8 @@ Training batches: the module being trained declares ``train_streams`` (stream na
 see :mod:`ltlib.data.samplers`). One stream gives ``[images, targets]`` batches; several give
 ``{stream: [images, targets]}`` with aligned, independently augmented sub-batches of equal size.
 ``batch_size`` is per process. Samplers shard themselves by rank (run the trainer with
-``use_distributed_sampler=False``).
+``use_distributed_sampler=False``). ``loader``: ``cpu`` (DataLoader, default), ``device`` or ``auto``
+(images, sampling and augmentation on the accelerator, see :mod:`ltlib.data.device_loader`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from ltlib.data.device_loader import check_loader, maybe_device_loader
 from ltlib.data.long_tail import PROFILES, indices_hash, long_tail_counts, long_tail_split
 from ltlib.data.pools import ImagePool
 from ltlib.data.samplers import EvalShardSampler, MultiStreamDataset, StreamSampler, create_sampler
@@ -116,8 +118,9 @@ class LongTailDataModule(L.LightningDataModule):
                  mean: Sequence[float] = (0.4914, 0.4822, 0.4465), std: Sequence[float] = (0.2023, 0.1994, 0.2010),
                  batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
                  pin_memory: bool = False, drop_last: bool = False, seed: int = 0,
-                 root: str | None = None) -> None:
+                 root: str | None = None, loader: str = "cpu") -> None:
         super().__init__()
+        self.loader = check_loader(loader)
         if not callable(source):
             raise LtlibError(f"data source {source!r} is not callable; expected a function returning "
                              "(train_pool, test_pool)")
@@ -252,6 +255,9 @@ class LongTailDataModule(L.LightningDataModule):
         rank, world_size = self._rank_world()
         samplers = {stream: create_sampler(sampler, dataset.targets, self.seed, rank, world_size)
                     for stream, sampler in streams.items()}
+        device_loader = maybe_device_loader(self, dataset, samplers, self.batch_size, self.drop_last)
+        if device_loader is not None:
+            return device_loader
         if len(samplers) == 1:
             return self._loader(dataset, next(iter(samplers.values())), self.batch_size, self.drop_last)
         return self._loader(MultiStreamDataset(dataset, list(samplers)), StreamSampler(samplers),
@@ -265,7 +271,11 @@ class LongTailDataModule(L.LightningDataModule):
 
     def _eval_loader(self, dataset: PoolDataset) -> DataLoader:
         rank, world_size = self._rank_world()
-        return self._loader(dataset, EvalShardSampler(len(dataset), rank, world_size), self.eval_batch_size, False)
+        sampler = EvalShardSampler(len(dataset), rank, world_size)
+        device_loader = maybe_device_loader(self, dataset, {"main": sampler}, self.eval_batch_size, False)
+        if device_loader is not None:
+            return device_loader
+        return self._loader(dataset, sampler, self.eval_batch_size, False)
 
     def _loader(self, dataset: Dataset, sampler: Any, batch_size: int, drop_last: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,

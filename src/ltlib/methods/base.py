@@ -163,7 +163,10 @@ class LongTailMethod(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.compute_loss(batch)
         # A device tensor: Lightning reads it only at its log and refresh intervals, never every step.
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # Logged only on the steps Lightning writes step logs (every log_every_n_steps): a self.log call is
+        # about 1,800 Python calls, host time of the order of a small GPU step (BENCHMARKS.md).
+        if self._trainer is None or (self.trainer.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         batch_size = self._batch_size(batch)
         self.train_loss_sum.update(loss.detach() * batch_size)
         self.train_loss_count.update(torch.full_like(loss.detach(), batch_size))

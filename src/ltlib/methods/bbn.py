@@ -33,6 +33,8 @@ from ltlib.methods.base import LongTailMethod, OptimConfig
 from ltlib.schedules import get_schedule, list_schedules
 
 COMBINERS = ("official", "paper")
+#: How the training step runs the shared trunk over the two sub-batches (docs/speed.md).
+TRUNK_PASSES = ("separate", "concatenated")
 #: The adaptor whose alpha the official code draws afresh at every iteration (``alpha_per_step=None``).
 PER_STEP_ADAPTORS = ("beta",)
 #: Inference weight of the conventional branch (section 4.4).
@@ -100,6 +102,10 @@ class BBN(LongTailMethod):
             otherwise.
         adaptor_epochs: the ``T_max`` of the adaptor in epochs; null means ``trainer.max_epochs`` (eq.
             5). The official code uses 100 for its 90-epoch and 200 for its 180-epoch iNaturalist runs.
+        trunk_pass: ``separate`` (default; the paper's and official code's training step: the trunk runs
+            once per sub-batch, so batch norm normalises each with its own statistics) or
+            ``concatenated`` (one trunk pass over both sub-batches: fewer, larger kernels, but batch norm
+            then uses the statistics of the two together, a different model; see docs/speed.md).
         Remaining arguments: see :class:`~ltlib.methods.base.LongTailMethod`.
     """
 
@@ -116,8 +122,11 @@ class BBN(LongTailMethod):
         alpha: float | None = None,
         alpha_per_step: bool | None = None,
         adaptor_epochs: int | None = None,
+        trunk_pass: str = "separate",
         **kwargs: Any,
     ) -> None:
+        if trunk_pass not in TRUNK_PASSES:
+            raise unknown_name("BBN trunk_pass", trunk_pass, TRUNK_PASSES)
         if rebalancing_sampler not in list_samplers():
             raise unknown_name("rebalancing_sampler", rebalancing_sampler, list_samplers())
         if combiner not in COMBINERS:
@@ -140,12 +149,13 @@ class BBN(LongTailMethod):
         self.fixed_alpha = None if alpha is None else float(alpha)
         self.alpha_per_step = adaptor in PER_STEP_ADAPTORS if alpha_per_step is None else bool(alpha_per_step)
         self.adaptor_epochs = adaptor_epochs
+        self.trunk_pass = trunk_pass
         self._alpha_sum = 0.0
         self._alpha_steps = 0
         self.save_hyperparameters({
             "rebalancing_sampler": rebalancing_sampler, "combiner": combiner, "classifier_bias": self.classifier_bias,
             "adaptor": adaptor, "alpha": self.fixed_alpha, "alpha_per_step": self.alpha_per_step,
-            "adaptor_epochs": adaptor_epochs,
+            "adaptor_epochs": adaptor_epochs, "trunk_pass": trunk_pass,
         })
 
     # ----------------------------------------------------------------- model
@@ -195,14 +205,22 @@ class BBN(LongTailMethod):
 
     # -------------------------------------------------------------- training
     def compute_loss(self, batch: Mapping[str, Sequence[Tensor]]) -> Tensor:
-        """Eq. 3 on a ``{"conventional": (x_c, y_c), "rebalancing": (x_r, y_r)}`` batch. Each sub-batch
-        has its own forward pass through the trunk, so batch norm sees each one on its own."""
+        """Eq. 3 on a ``{"conventional": (x_c, y_c), "rebalancing": (x_r, y_r)}`` batch. With
+        ``trunk_pass="separate"`` each sub-batch has its own forward pass through the trunk, so batch norm
+        sees each one on its own."""
         images_c, targets_c = batch["conventional"]
         images_r, targets_r = batch["rebalancing"]
         alpha = self.current_alpha()
         self._alpha_sum += alpha
         self._alpha_steps += 1
-        logits = self.classifier(self.conventional_features(images_c), self.rebalancing_features(images_r), alpha)
+        if self.trunk_pass == "concatenated":
+            shared_c, shared_r = self.backbone.trunk(torch.cat((images_c, images_r))).split(
+                [images_c.shape[0], images_r.shape[0]])
+            f_c = self.backbone.pool(self.backbone.last_block(shared_c))
+            f_r = self.backbone.pool(self.rebalancing_block(shared_r))
+        else:
+            f_c, f_r = self.conventional_features(images_c), self.rebalancing_features(images_r)
+        logits = self.classifier(f_c, f_r, alpha)
         return alpha * F.cross_entropy(logits, targets_c) + (1.0 - alpha) * F.cross_entropy(logits, targets_r)
 
     def on_train_epoch_start(self) -> None:
