@@ -3,6 +3,7 @@ environment description and Markdown tables."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -101,6 +102,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write a benchmark's report as indented JSON, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def add_src_to_path() -> None:

@@ -21,7 +21,6 @@ graphs remove) and an activation-traffic estimate against the bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import add_src_to_path, environment, markdown_table, resolve_device, synchronize  # noqa: E402
+from bench_common import (  # noqa: E402
+    add_src_to_path,
+    environment,
+    markdown_table,
+    resolve_device,
+    synchronize,
+    write_report,
+)
 
 add_src_to_path()
 
@@ -300,8 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{floor['compute_floor_s']:.1f} s, launch {floor['launch_floor_s']:.1f} s, bandwidth (est.) "
           f"{floor['bandwidth_floor_s']:.1f} s")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
     return report
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -53,6 +52,7 @@ from bench_common import (  # noqa: E402
     resolve_device,
     synchronize,
     synthetic_source,
+    write_report,
 )
 
 add_src_to_path()
@@ -574,8 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{prof['self_cpu_ms_per_step']:.1f} ms self CPU/step, CUDA kernels/step "
                       f"{prof['cuda_kernels_per_step']}; top: {prof['top_self_cpu'][:5]}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
         print(f"\nreport written to {args.out}")
     return report
 

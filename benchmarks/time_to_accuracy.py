@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, environment, markdown_table, resolve_device  # noqa: E402
+from bench_common import REPO, environment, markdown_table, resolve_device, write_report  # noqa: E402
 
 ARCHIVE_CANDIDATES = (REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz",
                       REPO / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, "runs": rows,
               "markdown": table}
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out / "report.json", report)
     print(f"\nreport written to {args.out / 'report.json'}")
     return rows
 

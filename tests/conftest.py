@@ -1,4 +1,4 @@
-"""Shared test helpers: paths, the ltlib CLI in a subprocess, free ports."""
+"""Shared test helpers: paths, the ltlib CLI in a subprocess, free ports, DDP result gathering."""
 
 from __future__ import annotations
 
@@ -21,14 +21,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gather_on_rank0(result: object, out: str) -> None:
+    """Inside a spawned DDP worker: collect every rank's ``result`` and pickle the list to ``out`` on rank 0."""
+    import pickle
+
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    if dist.get_rank() == 0:
+        Path(out).write_bytes(pickle.dumps(gathered))
+
+
+def cli_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment of a CLI subprocess: no wandb, a headless matplotlib, unbuffered output, one thread."""
+    # One thread per process: the tiny test models gain nothing from more, and DDP tests run two processes
+    # on CI's two cores, where oversubscribed threads make steps many times slower.
+    return {**os.environ, "WANDB_MODE": "disabled", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
 def run_cli(*overrides: str, module: str = "ltlib.run", cwd: Path | None = None,
             timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m ltlib.run OVERRIDES`` and return the finished process (output captured)."""
-    # One thread per process: the tiny test models gain nothing from more, and DDP tests run two processes
-    # on CI's two cores, where oversubscribed threads make steps many times slower.
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd or REPO, env=full_env,
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd or REPO, env=cli_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -37,3 +53,13 @@ def tiny_run_args(tmp_path: Path) -> list[str]:
     """Overrides that make a CLI run take a few seconds: 2 epochs of the digits data."""
     return [f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epochs=2", "optim.warmup_epochs=1",
             "backbone=resnet20"]
+
+
+@pytest.fixture
+def restore_hydra_config():
+    """Put Hydra's global HydraConfig back after a test that sets it (as a running job has it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = HydraConfig.instance().cfg
+    yield
+    HydraConfig.instance().cfg = saved

@@ -7,7 +7,6 @@ import atexit
 import csv
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, cli_env, run_cli
 
 #: BBN on the digits, 3 epochs of 26 steps (batch 16): long enough to interrupt in the middle.
 BBN_ARGS = ("method=bbn", "backbone=resnet20", "trainer.max_epochs=3", "optim.lr=0.1", "optim.warmup_epochs=1",
@@ -34,9 +33,7 @@ def bbn_reference_run() -> Path:
 
 def start_cli(*overrides: str, env: dict | None = None) -> subprocess.Popen:
     """``python -m ltlib.run OVERRIDES`` in the background (one thread, output captured)."""
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "ltlib.run", *overrides], cwd=REPO, env=full_env,
+    return subprocess.Popen([sys.executable, "-m", "ltlib.run", *overrides], cwd=REPO, env=cli_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -4,17 +4,14 @@ timed tests) and produce complete reports."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, cli_env
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=300)
 
 

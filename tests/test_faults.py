@@ -40,15 +40,8 @@ from ltlib.callbacks import (
 from ltlib.errors import LtlibError
 from ltlib.run import carry_over_metrics_log, config_differences, config_dir, resolve_checkpoint
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _restore_hydra_config():
-    """Tests here set Hydra's global HydraConfig (as a running job has it); put the previous one back."""
-    saved = HydraConfig.instance().cfg
-    yield
-    HydraConfig.instance().cfg = saved
+#: these tests set Hydra's global HydraConfig, as a running job has it
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_hydra_config")]
 
 
 # ------------------------------------------------------------------------------------------------------

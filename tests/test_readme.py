@@ -1,6 +1,7 @@
 """README stays true: its Python example runs, and CI runs its test command."""
 
 import re
+import shlex
 from pathlib import Path
 
 import torch
@@ -23,3 +24,36 @@ def test_readme_plain_pytorch_example_trains():
     exec(compile(code, "README.md", "exec"), namespace)
     assert torch.isfinite(namespace["loss"])
     assert namespace["classifier"].weight.grad is not None
+
+
+
+DOCUMENTS = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def documented_run_commands() -> list[tuple[str, str]]:
+    """(document, command) for every ``python -m ltlib.run ...`` line of the docs' shell blocks."""
+    found = []
+    for doc in DOCUMENTS:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                if "python -m ltlib.run" in line and not line.startswith("#"):
+                    found.append((doc.name, line[line.index("python -m ltlib.run"):].split("&&")[0]))
+    return found
+
+
+def test_every_documented_run_command_composes():
+    """The overrides of each command in README, BENCHMARKS and docs/ compose into a config (a sweep: the first
+    value of each list), so no documented command has a stale key, a placeholder or an unknown option."""
+    from hydra import compose, initialize_config_dir
+
+    from ltlib.run import config_dir
+
+    commands = documented_run_commands()
+    assert len(commands) >= 40 and sum(doc == "README.md" for doc, _ in commands) >= 10
+    for doc, command in commands:
+        overrides = [word for word in shlex.split(command)[3:] if word != "-m"]
+        overrides = [re.sub(r"=([^\[,]+),.*$", r"=\1", word) for word in overrides]  # a=x,y -> a=x
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        assert cfg.method._target_.startswith("ltlib.methods"), (doc, command)

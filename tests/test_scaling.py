@@ -25,15 +25,8 @@ from tests.scaling_runs import (
 
 from ltlib.run import config_dir
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _restore_hydra_config():
-    """Tests here set Hydra's global HydraConfig (as a running job has it); put the previous one back."""
-    saved = HydraConfig.instance().cfg
-    yield
-    HydraConfig.instance().cfg = saved
+#: these tests set Hydra's global HydraConfig, as a running job has it
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_hydra_config")]
 
 
 def _compose(*overrides: str):

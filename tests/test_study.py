@@ -21,7 +21,6 @@ from ltlib.errors import LtlibError
 
 pytestmark = pytest.mark.slow
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # no thread oversubscription on a shared 2-core machine
 COMMON = ["backbone=resnet20", "trainer.max_epochs=1", "optim.warmup_epochs=0"]
 STAGE1_MANNERS = {"ce": ("uniform", "none"), "rw": ("uniform", "inverse_frequency"), "rs": ("class_balanced", "none")}
 
@@ -39,7 +38,7 @@ def smoke_study(tmp_path_factory) -> Path:
     """``python -m ltlib.study decoupled`` with the in-process runner; stage 2 with its own batch size."""
     out = tmp_path_factory.mktemp("study") / "decoupled"
     proc = run_cli("decoupled", "--runner", "inprocess", "--output-dir", str(out), *COMMON,
-                   "--stage2", "data.batch_size=32", module="ltlib.study", env=ONE_THREAD)
+                   "--stage2", "data.batch_size=32", module="ltlib.study")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| **RS** |" in proc.stdout
     return out

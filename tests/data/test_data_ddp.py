@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import pickle
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tests.conftest import free_port, gather_on_rank0
 
 from ltlib.data import ArrayPool, LongTailDataModule, UniformSampler
 
@@ -47,18 +47,9 @@ def worker(rank: int, port: int, out: str) -> None:
         result["reversed"] = [pair[2] for pair in loader.sampler]
         result["val_indices"] = [int(i) for i in dm.val_dataloader().sampler]
         result["test_batches"] = len(dm.test_dataloader())
-        gathered: list = [None] * WORLD_SIZE
-        dist.all_gather_object(gathered, result)
-        if rank == 0:
-            Path(out).write_bytes(pickle.dumps(gathered))
+        gather_on_rank0(result, out)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_sharding(tmp_path: Path) -> None:

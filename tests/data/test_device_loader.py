@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 import torchvision.transforms.functional as TF
 from PIL import Image
 from scipy import stats
+from tests.conftest import free_port, gather_on_rank0
 from torch import nn
 from torch.utils.data import Sampler
 
@@ -349,17 +350,12 @@ def ddp_worker(rank: int, port: int, out: str) -> None:
         result = {"type": type(loader).__name__, "batches": len(batches), "len": len(loader),
                   "pairs": list(loader.sampler), "labels": torch.cat([b["u"][1] for b in batches]).tolist(),
                   "test": torch.cat([y for _, y in dm.test_dataloader()]).tolist()}
-        gathered: list = [None] * WORLD
-        dist.all_gather_object(gathered, result)
-        if rank == 0:
-            Path(out).write_bytes(pickle.dumps(gathered))
+        gather_on_rank0(result, out)
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_sharding_with_two_gloo_processes(tmp_path):
-    from tests.conftest import free_port
-
     out = tmp_path / "ranks.pkl"
     mp.spawn(ddp_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     ranks = pickle.loads(out.read_bytes())

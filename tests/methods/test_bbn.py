@@ -28,7 +28,6 @@ from ltlib.methods.ensemble import Ensemble
 COUNTS = [100, 60, 36, 22, 13, 10, 10, 10, 10, 10]
 # One intra-op thread: on a shared 2-core machine, two threads per process oversubscribe it and run
 # these small models ten times slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -333,7 +332,7 @@ CLI_ARGS = ["trainer.max_epochs=2", "optim.warmup_epochs=1", "backbone=resnet20"
 @pytest.fixture(scope="module")
 def bbn_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("bbn") / "run"
-    proc = run_cli("method=bbn", f"hydra.run.dir={run_dir}", *CLI_ARGS, env=ONE_THREAD)
+    proc = run_cli("method=bbn", f"hydra.run.dir={run_dir}", *CLI_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -341,7 +340,7 @@ def bbn_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bbn_ddp_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("bbn_ddp") / "run"
-    proc = run_cli("method=bbn", "trainer=ddp_cpu", f"hydra.run.dir={run_dir}", *CLI_ARGS, env=ONE_THREAD)
+    proc = run_cli("method=bbn", "trainer=ddp_cpu", f"hydra.run.dir={run_dir}", *CLI_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -379,7 +378,7 @@ def load_bbn(run_dir: Path, checkpoint: str) -> BBN:
 def test_cli_ensemble_averages_member_logits(bbn_run, bbn_ddp_run, tmp_path):
     out = tmp_path / "ensemble"
     members = f"method.members=[{bbn_run},{bbn_ddp_run / 'checkpoints' / 'last.ckpt'}]"
-    proc = run_cli("method=ensemble", members, f"hydra.run.dir={out}", "backbone=resnet20", env=ONE_THREAD)
+    proc = run_cli("method=ensemble", members, f"hydra.run.dir={out}", "backbone=resnet20")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["epochs_trained"] == 0 and len(results["ensemble"]["members"]) == 2

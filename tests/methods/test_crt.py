@@ -21,7 +21,6 @@ from ltlib.methods.bbn import BBN
 from ltlib.methods.crt import ClassifierRetraining, representation_state
 
 COUNTS = [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # no thread oversubscription on a shared 2-core machine
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -192,7 +191,7 @@ def test_cli_retrains_a_bbn_branch(bbn_stage1, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("method=crt", f"method.stage1_checkpoint={path}", "method.branch=rebalancing",
                    "method.sampler=reversed", f"hydra.run.dir={run_dir}", "trainer.max_epochs=2",
-                   "optim.warmup_epochs=0", "backbone=resnet20", env=ONE_THREAD)
+                   "optim.warmup_epochs=0", "backbone=resnet20")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == "crt" and results["metrics"]["test"]["num_samples"] == 500
@@ -208,7 +207,7 @@ def test_cli_retrains_a_bbn_branch(bbn_stage1, tmp_path):
 @pytest.mark.slow
 def test_cli_missing_stage1_checkpoint_is_one_line_error(tmp_path):
     proc = run_cli("method=crt", "method.stage1_checkpoint=/nowhere/best.ckpt", f"hydra.run.dir={tmp_path / 'run'}",
-                   "backbone=resnet20", env=ONE_THREAD)
+                   "backbone=resnet20")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("ltlib: error:")]
     assert len(lines) == 1 and "/nowhere/best.ckpt" in lines[0], proc.stderr[-2000:]
