@@ -316,6 +316,8 @@ def _counts_line(ax: Any, counts: Sequence[int], order: list[int]) -> None:
     twin.plot(np.arange(len(order)), [max(int(counts[c]), 1) for c in order], color="black", linewidth=1.2,
               marker="." if len(order) <= 50 else None, label="training images")
     twin.set_yscale("log")
+    low, high = twin.get_ylim()
+    twin.set_ylim(low, high * (high / low) ** 0.25)  # the same headroom as the bars, on a log axis
     twin.set_ylabel("training images (log scale)")
     twin.legend(loc="upper right", fontsize="small")
 
@@ -339,7 +341,8 @@ def plot_per_class_values(values: Mapping[str, np.ndarray | Tensor | Sequence[fl
     _class_axis(ax, order, class_names)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(loc="upper left", fontsize="small")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # headroom: the legends sit above the bars, not on them
+    ax.legend(loc="upper left", fontsize="small", ncol=min(max(len(values), 1), 4))
     if show_counts:
         _counts_line(ax, class_counts, order)
     return _finish(figure, path)
