@@ -64,6 +64,10 @@ def test_killed_and_terminated_run_resumes_to_the_uninterrupted_result(tmp_path)
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
     assert not (run_dir / "results.json").exists()
+    from ltlib.run_status import describe_unfinished
+
+    status, reason = describe_unfinished(run_dir)  # killed without a word: its status still says running
+    assert status == "failed" and reason.startswith("stopped without finishing"), reason
 
     terminated = start_cli(*args)
     wait_for(lambda: 1 in logged_epochs(run_dir), terminated)
@@ -73,6 +77,7 @@ def test_killed_and_terminated_run_resumes_to_the_uninterrupted_result(tmp_path)
     notes = [line for line in stderr.splitlines() if line.startswith("ltlib: interrupted:")]
     assert len(notes) == 1 and "SIGTERM" in notes[0] and str(last) in notes[0], stderr[-3000:]
     assert not (run_dir / "results.json").exists()
+    assert describe_unfinished(run_dir)[0] == "interrupted"
 
     final = run_cli(*args)
     assert final.returncode == 0, final.stderr[-3000:]

@@ -227,3 +227,45 @@ def test_published_entries_name_real_methods_options_and_datasets():
     assert shots == {"many": 65.9, "medium": 37.5, "few": 7.7, "top1": 44.4}
     assert not find_published("bbn", "inat2018", None, backbone="resnet50", variant_keys={"adaptor"})
     assert {p.value for p in find_published("bbn", "inat2018", None, backbone="resnet50")} == {33.71, 33.74}
+
+
+def test_unfinished_runs_say_what_happened_to_them(tmp_path):
+    """run_status.json tells a failed run (with its error), an interrupted one, a live one and one that was
+    killed apart; the cell's runs column counts each kind."""
+    import os
+    import subprocess
+    import sys
+
+    from ltlib.run_status import write_run_status
+
+    root = tmp_path / "sweep"
+    for seed, top1 in enumerate([0.70, None, None, None, None]):
+        write_run(root / f"{seed}_ce", "ce", top1, base_config("ce", seed=seed))
+    write_run_status(root / "1_ce", "failed", "data.root='/nowhere' does not exist")
+    write_run_status(root / "2_ce", "interrupted", "SIGTERM: stopped after step 120")
+    write_run_status(root / "3_ce", "running")  # this test's own process: alive
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    write_run_status(root / "4_ce", "running")
+    status_file = root / "4_ce" / "run_status.json"
+    status_file.write_text(status_file.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {dead.stdout.strip()}'))
+
+    records = {Path(r.run_dir).name: r for r in report.collect_runs([root])}
+    assert (records["1_ce"].status, records["1_ce"].reason) == ("failed", "failed: data.root='/nowhere' does not exist")
+    assert records["2_ce"].status == "interrupted" and "SIGTERM: stopped after step 120" in records["2_ce"].reason
+    assert "rerun the same command to resume" in records["2_ce"].reason
+    assert records["3_ce"].status == "running" and f"process {os.getpid()}" in records["3_ce"].reason
+    assert records["4_ce"].status == "failed" and "stopped without finishing" in records["4_ce"].reason
+
+    cells, _, files = report.write_report([root], tmp_path / "out")
+    assert report._runs_text(cell_of(cells, "ce")) == "1/5 (2 failed, 1 interrupted, 1 running)"
+    assert "failed: data.root='/nowhere' does not exist" in files[0].read_text()
+
+
+def test_run_status_rejects_unknown_states_and_ignores_unreadable_files(tmp_path):
+    from ltlib.run_status import describe_unfinished, read_run_status, write_run_status
+
+    with pytest.raises(ValueError, match="unknown run status 'done'"):
+        write_run_status(tmp_path, "done")
+    (tmp_path / "run_status.json").write_text("{not json")
+    assert read_run_status(tmp_path) is None
+    assert describe_unfinished(tmp_path) == ("failed", "no results.json (the run failed or has not finished)")

@@ -25,6 +25,7 @@ def test_cli_trains_each_method_and_writes_results(method, tiny_run_args, tmp_pa
     assert (run_dir / "per_class.csv").is_file() and (run_dir / "per_class_accuracy.png").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert json.loads((run_dir / "run_status.json").read_text())["status"] == "finished"
     assert "Top-1" in proc.stdout or "top-1" in proc.stdout.lower()
 
 
@@ -73,6 +74,10 @@ def test_missing_folder_root_is_one_line_error(tiny_run_args, tmp_path):
     proc = run_cli(*tiny_run_args, "data=folder", f"data.root={tmp_path / 'nowhere'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "nowhere" in proc.stderr
+    # the run directory says why it has no results (what ltlib.report lists)
+    status = json.loads((tmp_path / "run" / "run_status.json").read_text())
+    assert status["status"] == "failed" and "nowhere" in status["message"]
+    assert proc.stderr.strip().endswith(status["message"])
 
 
 def test_unknown_method_group_lists_the_options(tiny_run_args):

@@ -12,7 +12,8 @@ directory: any tree of ``python -m ltlib.run`` run directories) and writes, into
 * ``report.png``: top-1 mean ± std per cell, one panel per dataset and imbalance ratio, the published
   numbers as markers;
 * ``report_missing.csv``: runs that are missing or failed, also listed in ``report.md``: a run
-  directory with ``.hydra/`` but no ``results.json`` (failed or unfinished), an unreadable
+  directory with ``.hydra/`` but no ``results.json`` (failed with its error, interrupted, killed, or
+  still running, from the run's ``run_status.json``: :mod:`ltlib.run_status`), an unreadable
   ``results.json`` or one without the split's metrics, and jobs of a multirun (``multirun.yaml``,
   basic sweeper) that never started. Failed runs whose config can be read count in their cell's
   ``runs`` column (``2/3``); none is dropped silently.
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from matplotlib.figure import Figure
 from ltlib.analysis.results import RESULTS_JSON, save_figure
 from ltlib.errors import LtlibError, unknown_name
 from ltlib.published import PublishedResult, find_published
+from ltlib.run_status import describe_unfinished
 
 REPORT_MD, REPORT_CSV, REPORT_PNG, MISSING_CSV = "report.md", "report.csv", "report.png", "report_missing.csv"
 SPLITS = ("test", "val")
@@ -77,7 +80,7 @@ class RunRecord:
     """One run directory (or a multirun job that never started) as the report sees it."""
 
     run_dir: str
-    status: str  # ok | failed | unreadable | no_metrics | not_started
+    status: str  # ok | failed | interrupted | running | unreadable | no_metrics | not_started
     reason: str = ""
     method: str | None = None
     dataset: str | None = None
@@ -250,7 +253,7 @@ def read_run(run_dir: str | os.PathLike[str], split: str = "test", aliases: Mapp
     results_file = run_dir / RESULTS_JSON
     hydra_config, hydra_method, record.overrides = _resolved_hydra_config(run_dir)
     if not results_file.is_file():
-        record.status, record.reason = "failed", "no results.json (the run failed or has not finished)"
+        record.status, record.reason = describe_unfinished(run_dir)
         if hydra_config is not None:
             _fill_from_config(record, hydra_config, hydra_method, aliases)
         return record
@@ -388,7 +391,7 @@ def build_cells(records: Iterable[RunRecord], any_backbone: bool = False) -> lis
     """Group runs into cells (equal settings up to seeds) and attach the published numbers."""
     grouped: dict[str, list[RunRecord]] = {}
     for record in records:
-        if record.groupable and record.status in ("ok", "failed", "no_metrics", "unreadable"):
+        if record.groupable and record.status != "not_started":
             grouped.setdefault(_cell_key(record), []).append(record)
     cells = []
     for runs in grouped.values():
@@ -434,8 +437,11 @@ def _ratio_text(ratio: float | None) -> str:
 
 def _runs_text(cell: Cell) -> str:
     ok = len(cell.ok)
-    bad = len(cell.runs) - ok
-    return f"{ok}" if not bad else f"{ok}/{len(cell.runs)} ({bad} failed)"
+    if ok == len(cell.runs):
+        return f"{ok}"
+    others = Counter("failed" if r.status in ("unreadable", "no_metrics") else r.status for r in cell.runs
+                     if r.status != "ok")
+    return f"{ok}/{len(cell.runs)} (" + ", ".join(f"{n} {status}" for status, n in sorted(others.items())) + ")"
 
 
 def _published_for(cell: Cell, metric: str) -> list[PublishedResult]:

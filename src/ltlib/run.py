@@ -2,7 +2,8 @@
 
 Builds the data, backbone and method from the Hydra config, trains with checkpoint selection on the
 balanced validation split, evaluates the selected checkpoint once on the validation and test splits,
-and writes ``results.json``, ``per_class.csv`` and ``per_class_accuracy.png`` to the run directory.
+and writes ``results.json``, ``per_class.csv`` and ``per_class_accuracy.png`` to the run directory
+(and ``run_status.json``: running, finished, failed with its error, or interrupted; :mod:`ltlib.run_status`).
 
 Examples::
 
@@ -38,6 +39,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ltlib.errors import LtlibError
+from ltlib.run_status import write_run_status
 
 log = logging.getLogger("ltlib")
 
@@ -399,22 +401,36 @@ def main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if "LOCAL_RANK" in os.environ:
         exit_when_orphaned()
+
+    def record(status: str, message: str | None = None) -> None:
+        if is_global_zero():
+            write_run_status(output_dir, status, message)
+
+    record("running")
     try:
         train(cfg, output_dir)
     except RunInterrupted as exc:
+        record("interrupted", str(exc))
         if is_global_zero():
             print(f"ltlib: interrupted: {exc}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        record("interrupted", "KeyboardInterrupt")
+        raise
     except Exception as exc:  # noqa: BLE001 - user errors become one line, the rest propagate
         user_error = find_user_error(exc)
         if user_error is None:
+            last_line = (str(exc).strip().splitlines() or [""])[-1]
+            record("failed", f"{type(exc).__name__}: {last_line}".rstrip(": "))
             raise
         # An error raised in a DataLoader worker arrives with the worker's traceback in its message.
         message = str(user_error).strip().splitlines()[-1].removeprefix("ltlib.errors.LtlibError: ")
+        record("failed", message)
         # Every DDP rank reports (an error may concern one rank's data only), the others with their rank.
         rank = "" if is_global_zero() else f"rank {global_rank()}: "
         print(f"ltlib: error: {rank}{message}", file=sys.stderr)
         sys.exit(2)
+    record("finished")
 
 
 if __name__ == "__main__":
