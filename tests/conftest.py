@@ -63,3 +63,15 @@ def restore_hydra_config():
     saved = HydraConfig.instance().cfg
     yield
     HydraConfig.instance().cfg = saved
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's tests: the models are tiny, and on a shared 2-core machine two
+    threads per process spin-wait and run them several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

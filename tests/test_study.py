@@ -19,18 +19,10 @@ from tests.conftest import run_cli
 from ltlib import analyze, report, study
 from ltlib.errors import LtlibError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 COMMON = ["backbone=resnet20", "trainer.max_epochs=1", "optim.warmup_epochs=0"]
 STAGE1_MANNERS = {"ce": ("uniform", "none"), "rw": ("uniform", "inverse_frequency"), "rs": ("class_balanced", "none")}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -28,15 +28,9 @@ from ltlib.methods.baselines import BaselineClassifier
 from ltlib.methods.bbn import BBN
 from ltlib.methods.two_head import TwoHeadModel
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COUNTS = [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # no thread oversubscription on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def direct_compactness(features: np.ndarray, targets: np.ndarray, num_classes: int) -> np.ndarray:

@@ -29,6 +29,8 @@ from ltlib.backbones import (
 )
 from ltlib.errors import LtlibError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CIFAR_NETS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 OUT_DIMS = {
     "resnet20": 64, "resnet32": 64, "resnet44": 64, "resnet56": 64, "resnet110": 64,
@@ -44,15 +46,6 @@ def no_downloads(monkeypatch):
         raise AssertionError("a backbone test tried to download weights")
     monkeypatch.setattr(WeightsEnum, "get_state_dict", forbidden)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", forbidden)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run on one CPU thread: the tensors are tiny, and OpenMP threads spin-wait when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

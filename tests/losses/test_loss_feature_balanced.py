@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.losses.reference import np_log_softmax, np_reduce
 
 from ltlib.errors import LtlibError
 from ltlib.losses import FeatureBalancedLoss, feature_balanced_stimulus
@@ -35,25 +36,6 @@ loss.backward(); optimizer.step()
 
 
 # ---- independent reference ---------------------------------------------------------------------
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax with an explicit log-sum-exp loop."""
-    out = np.empty_like(z)
-    for i, row in enumerate(z):
-        m = max(row)
-        lse = m + math.log(sum(math.exp(v - m) for v in row))
-        out[i] = row - lse
-    return out
-
-
-def np_reduce(losses: np.ndarray, y: np.ndarray, weight: np.ndarray | None, reduction: str):
-    w = np.ones(losses.shape[0]) if weight is None else np.array([weight[t] for t in y])
-    if reduction == "none":
-        return w * losses
-    if reduction == "sum":
-        return (w * losses).sum()
-    return (w * losses).sum() / w.sum()
-
-
 def np_stimulus(counts, kind: str) -> np.ndarray:
     n = np.asarray(counts, dtype=np.float64)
     s = np.log(n.max()) - np.log(n)

@@ -8,27 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.losses.reference import np_reduce, np_softmax_row
 
 from ltlib.errors import LtlibError
 from ltlib.losses import CBFocalLoss, FocalLoss, class_balanced_weights
 
 COUNTS = [400, 120, 40, 9, 1]
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-def np_softmax_row(row: np.ndarray) -> np.ndarray:
-    m = max(row)
-    e = np.array([math.exp(v - m) for v in row])
-    return e / e.sum()
-
-
-def np_reduce(losses: np.ndarray, y: np.ndarray, weight: np.ndarray | None, reduction: str):
-    w = np.ones(losses.shape[0]) if weight is None else np.array([weight[t] for t in y])
-    if reduction == "none":
-        return w * losses
-    if reduction == "sum":
-        return (w * losses).sum()
-    return (w * losses).sum() / w.sum()
 
 
 def np_focal(z, y, gamma, weight=None, reduction="mean"):

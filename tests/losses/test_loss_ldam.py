@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.losses.reference import np_cross_entropy
 
 from ltlib.errors import LtlibError
 from ltlib.losses import LDAMLoss, NormedLinear, ldam_margins
@@ -23,19 +22,9 @@ def np_margins(counts, max_margin):
 
 def np_ldam(z, y, counts, max_margin, scale, weight=None, reduction="mean"):
     margins = np_margins(counts, max_margin)
-    losses, ws = [], []
-    for row, t in zip(z, y, strict=True):
-        adjusted = [scale * (v - margins[t]) if c == t else scale * v for c, v in enumerate(row)]
-        m = max(adjusted)
-        lse = m + math.log(sum(math.exp(a - m) for a in adjusted))
-        losses.append(lse - adjusted[t])
-        ws.append(1.0 if weight is None else weight[t])
-    losses, ws = np.array(losses), np.array(ws)
-    if reduction == "none":
-        return ws * losses
-    if reduction == "sum":
-        return (ws * losses).sum()
-    return (ws * losses).sum() / ws.sum()
+    adjusted = np.array([[scale * (v - margins[t]) if c == t else scale * v for c, v in enumerate(row)]
+                         for row, t in zip(z, y, strict=True)])
+    return np_cross_entropy(adjusted, y, weight, reduction)
 
 
 def _cosine_batch(num_classes: int, batch: int = 16, seed: int = 2):

@@ -22,17 +22,10 @@ from ltlib.errors import LtlibError
 from ltlib.losses import NormedLinear, posthoc_logit_adjustment
 from ltlib.methods.baselines import BaselineClassifier, LDAMCodeFocalLoss
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COUNTS = [100, 46, 22, 10, 5]
 C = len(COUNTS)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads per process slow training ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_backbone(in_chans: int = 1) -> CifarResNet:

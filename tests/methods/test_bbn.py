@@ -25,19 +25,9 @@ from ltlib.errors import LtlibError
 from ltlib.methods.bbn import BBN, BilateralClassifier
 from ltlib.methods.ensemble import Ensemble
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COUNTS = [100, 60, 36, 22, 13, 10, 10, 10, 10, 10]
-# One intra-op thread: on a shared 2-core machine, two threads per process oversubscribe it and run
-# these small models ten times slower.
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_bbn(combiner: str = "official", seed: int = 0, **kwargs) -> BBN:
     torch.manual_seed(seed)
     return BBN(create_backbone("resnet20", in_chans=3), 10, COUNTS, combiner=combiner, **kwargs)

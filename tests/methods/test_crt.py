@@ -20,15 +20,9 @@ from ltlib.methods import StandardClassifier
 from ltlib.methods.bbn import BBN
 from ltlib.methods.crt import ClassifierRetraining, representation_state
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COUNTS = [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_stage1(method, path: Path) -> Path:

@@ -13,17 +13,11 @@ from ltlib.errors import LtlibError
 from ltlib.methods.mixup import sample_mix_weight
 from ltlib.methods.mixup_baselines import MixupClassifier, backbone_stages, mix_locations, mixed_targets
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COUNTS = [40, 20, 10, 5]
 C = len(COUNTS)
 B = 6
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make(**kwargs) -> MixupClassifier:
