@@ -75,3 +75,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def digits_datamodule(stage: str | None = "fit", **overrides):
+    """The data module of ``conf/data/digits_lt.yaml`` (ratio 10: 100 -> 10 images per class, 20 per class for
+    validation, 50 for test, batch 64), set up for ``stage`` (None: not set up). ``overrides`` replace arguments."""
+    from functools import partial
+
+    from ltlib.data import LongTailDataModule, digits_pools
+
+    arguments = {"name": "digits_lt", "imbalance_ratio": 10, "max_count": 100, "val_per_class": 20,
+                 "augmentation": "digits", "mean": [0.5], "std": [0.5], "batch_size": 64, **overrides}
+    datamodule = LongTailDataModule(partial(digits_pools, test_per_class=50, seed=0), **arguments)
+    if stage is not None:
+        datamodule.setup(stage)
+    return datamodule

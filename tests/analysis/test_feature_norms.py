@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.conftest import run_cli
+from tests.conftest import digits_datamodule, run_cli
 from torch import nn
 
 from ltlib.analysis.feature_norms import (
@@ -32,7 +31,6 @@ from ltlib.analysis.feature_norms import (
     write_feature_norm_tables,
 )
 from ltlib.backbones.base import Backbone
-from ltlib.data import LongTailDataModule, digits_pools
 from ltlib.errors import LtlibError
 from ltlib.methods.base import LongTailMethod
 
@@ -102,14 +100,6 @@ def tiny_backbone() -> Backbone:
     return Backbone(trunk, last_block, 6, arch="tiny")
 
 
-def digits_data() -> LongTailDataModule:
-    data = LongTailDataModule(partial(digits_pools, test_per_class=50, seed=0), name="digits_lt", imbalance_ratio=10,
-                              max_count=100, val_per_class=20, augmentation="digits", mean=[0.5], std=[0.5],
-                              batch_size=64)
-    data.setup("fit")
-    return data
-
-
 class Recording(LongTailMethod):
     """Cross-entropy through ``self.backbone(images)`` that keeps what each step saw."""
 
@@ -170,7 +160,7 @@ def expected_history(seen, num_classes: int) -> np.ndarray:
 
 
 def test_callback_norms_equal_a_direct_computation(tmp_path) -> None:
-    data = digits_data()
+    data = digits_datamodule()
     method = make(Recording, data)
     callback = FeatureNormCallback()
     run = trainer(tmp_path, 2, [callback])
@@ -203,7 +193,7 @@ def test_callback_norms_equal_a_direct_computation(tmp_path) -> None:
 
 
 def test_callback_recomputes_features_when_the_backbone_is_called_in_parts(tmp_path) -> None:
-    data = digits_data()
+    data = digits_datamodule()
     method = make(TwoBranches, data)
     callback = FeatureNormCallback()
     trainer(tmp_path, 2, [callback]).fit(method, datamodule=data)
@@ -221,7 +211,7 @@ def test_callback_recomputes_features_when_the_backbone_is_called_in_parts(tmp_p
 
 
 def test_history_survives_resume(tmp_path) -> None:
-    data = digits_data()
+    data = digits_datamodule()
     first = FeatureNormCallback()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer(tmp_path, 2, [first, checkpoints]).fit(make(Recording, data), datamodule=data)
@@ -239,7 +229,7 @@ def test_history_survives_resume(tmp_path) -> None:
 def test_bad_callback_options_are_one_line_errors() -> None:
     with pytest.raises(LtlibError, match="num_shown=0"):
         FeatureNormCallback(num_shown=0)
-    data = digits_data()
+    data = digits_datamodule()
     method = make(Recording, data)
     with pytest.raises(LtlibError) as info:
         FeatureNormCallback(tail_classes=[3, 10]).setup(None, method, "fit")

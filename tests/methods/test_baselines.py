@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, digits_datamodule, run_cli
 
 from ltlib.backbones.cifar_resnet import CifarResNet
-from ltlib.data import ClassBalancedSampler, LongTailDataModule, UniformSampler, digits_pools
+from ltlib.data import ClassBalancedSampler, LongTailDataModule, UniformSampler
 from ltlib.errors import LtlibError
 from ltlib.losses import NormedLinear, posthoc_logit_adjustment
 from ltlib.methods.baselines import BaselineClassifier, LDAMCodeFocalLoss
@@ -179,12 +179,6 @@ class Recorder(Callback):
                           "weight": None if weight is None else weight.numpy().copy()})
 
 
-def digits_datamodule() -> LongTailDataModule:
-    return LongTailDataModule(partial(digits_pools, test_per_class=50, seed=0), name="digits_lt", imbalance_ratio=10,
-                              max_count=100, val_per_class=20, augmentation="digits", mean=[0.5], std=[0.5],
-                              batch_size=64, seed=0)
-
-
 def fit_two_epochs(method: BaselineClassifier, datamodule: LongTailDataModule, tmp_path: Path) -> tuple[Recorder, L.Trainer]:
     recorder = Recorder()
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -201,7 +195,6 @@ def test_drw_and_drs_switch_at_exactly_the_configured_epoch(loss, tmp_path) -> N
     weights on the class-balanced sampler; the loss of every step matches its formula; the checkpoint
     taken after the switch loads into a fresh model (the weights are not part of the state)."""
     datamodule = digits_datamodule()
-    datamodule.setup("fit")
     counts = datamodule.class_counts
     torch.manual_seed(0)
     method = Probe(tiny_backbone(), 10, counts, loss=loss, class_weighting="class_balanced", beta=0.9999,

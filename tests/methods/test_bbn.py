@@ -5,7 +5,6 @@ table-6 ensemble, and bad options."""
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
 from pathlib import Path
@@ -16,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import run_cli
+from tests.conftest import digits_datamodule, run_cli
 from torch import nn
 
 from ltlib.backbones import Backbone, create_backbone
-from ltlib.data import LongTailDataModule, digits_pools
 from ltlib.errors import LtlibError
 from ltlib.methods.bbn import BBN, BilateralClassifier
 from ltlib.methods.ensemble import Ensemble
@@ -227,10 +225,7 @@ class RecordingBBN(BBN):
 
 @pytest.mark.parametrize("sampler", ["reversed", "class_balanced"])
 def test_branches_receive_uniform_and_rebalancing_class_frequencies(sampler):
-    datamodule = LongTailDataModule(functools.partial(digits_pools, test_per_class=50, seed=0), name="digits_lt",
-                                    imbalance_ratio=10, max_count=100, val_per_class=20, augmentation="digits",
-                                    mean=[0.5], std=[0.5], batch_size=64, seed=3)
-    datamodule.setup("fit")
+    datamodule = digits_datamodule(seed=3)
     counts = np.asarray(datamodule.class_counts)
     method = RecordingBBN(tiny_backbone(), 10, counts.tolist(), rebalancing_sampler=sampler,
                           optim={"warmup_epochs": 0})
@@ -375,9 +370,7 @@ def test_cli_ensemble_averages_member_logits(bbn_run, bbn_ddp_run, tmp_path):
     # independent computation: the two checkpoints' evaluation logits averaged over the digits test set
     first = json.loads((bbn_run / "results.json").read_text())["checkpoint"]
     models = [load_bbn(bbn_run, first), load_bbn(bbn_ddp_run, "checkpoints/last.ckpt")]
-    datamodule = LongTailDataModule(functools.partial(digits_pools, test_per_class=50, seed=0), imbalance_ratio=10,
-                                    max_count=100, val_per_class=20, augmentation="digits", mean=[0.5], std=[0.5])
-    datamodule.setup("test")
+    datamodule = digits_datamodule("test", batch_size=128)
     correct = total = 0
     with torch.no_grad():
         for images, targets in datamodule.test_dataloader():

@@ -3,7 +3,6 @@ classifier trains; BBN branches; re-weighting; the CLI; bad checkpoints and opti
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import run_cli
+from tests.conftest import digits_datamodule, run_cli
 
 from ltlib.backbones import create_backbone
-from ltlib.data import LongTailDataModule, digits_pools
 from ltlib.errors import LtlibError
 from ltlib.methods import StandardClassifier
 from ltlib.methods.bbn import BBN
@@ -62,13 +60,6 @@ def make_crt(path, **kwargs) -> ClassifierRetraining:
     return ClassifierRetraining(create_backbone("resnet20", in_chans=1), 10, COUNTS, stage1_checkpoint=str(path),
                                 **kwargs)
 
-
-def digits_datamodule() -> LongTailDataModule:
-    datamodule = LongTailDataModule(functools.partial(digits_pools, test_per_class=50, seed=0), imbalance_ratio=10,
-                                    max_count=100, val_per_class=20, augmentation="digits", mean=[0.5], std=[0.5],
-                                    batch_size=64)
-    datamodule.setup("fit")
-    return datamodule
 
 
 @pytest.mark.parametrize("branch,block_prefix", [("conventional", "backbone.last_block."),

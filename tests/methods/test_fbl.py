@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -19,11 +18,11 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
-from tests.conftest import run_cli
+from tests.conftest import digits_datamodule, run_cli
 from torch import nn
 
 from ltlib.backbones.base import Backbone
-from ltlib.data import LongTailDataModule, digits_pools
+from ltlib.data import LongTailDataModule
 from ltlib.errors import LtlibError
 from ltlib.methods.fbl import FeatureBalancedClassifier
 from ltlib.run import config_dir
@@ -35,14 +34,6 @@ def tiny_backbone() -> Backbone:
     trunk = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
     last_block = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
     return Backbone(trunk, last_block, 6, arch="tiny")
-
-
-def digits_data() -> LongTailDataModule:
-    data = LongTailDataModule(partial(digits_pools, test_per_class=50, seed=0), name="digits_lt", imbalance_ratio=10,
-                              max_count=100, val_per_class=20, augmentation="digits", mean=[0.5], std=[0.5],
-                              batch_size=64)
-    data.setup("fit")
-    return data
 
 
 def make_method(data: LongTailDataModule | None = None, **options) -> FeatureBalancedClassifier:
@@ -105,7 +96,7 @@ def test_training_skips_the_finite_check_unless_asked() -> None:
 @pytest.mark.parametrize("schedule,formula", [("parabolic_increment", lambda p: p * p),
                                               ("sine_increment", lambda p: math.sin(math.pi / 2 * p))])
 def test_alpha_set_and_logged_each_epoch_from_the_epoch_counter(schedule, formula, tmp_path) -> None:
-    data = digits_data()
+    data = digits_datamodule()
     method = make_method(data, schedule=schedule)
     seen: dict[int, float] = {}
 
@@ -120,7 +111,7 @@ def test_alpha_set_and_logged_each_epoch_from_the_epoch_counter(schedule, formul
 
 
 def test_official_progress_mode_is_epoch_over_max_epochs_minus_ten_unclipped(tmp_path) -> None:
-    data = digits_data()
+    data = digits_datamodule()
     method = make_method(data, progress_mode="official")
     fit(method, data, tmp_path, max_epochs=12, limit_train_batches=1)
     alphas = logged_alphas(tmp_path / "logs" / "version_0" / "metrics.csv")
@@ -129,7 +120,7 @@ def test_official_progress_mode_is_epoch_over_max_epochs_minus_ten_unclipped(tmp
 
 
 def test_resumed_run_recomputes_alpha_from_the_checkpoint_epoch(tmp_path) -> None:
-    data = digits_data()
+    data = digits_datamodule()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit(make_method(data), data, tmp_path / "first", max_epochs=2, callbacks=[checkpoints], limit_train_batches=1)
     resumed = make_method(data)
@@ -154,7 +145,7 @@ def test_freeze_trunk_and_reset_last_block(tmp_path) -> None:
     assert optimised == {id(p) for p in [*method.backbone.last_block.parameters(), *method.classifier.parameters()]}
     method.train()
     assert not method.backbone.trunk.training and method.backbone.last_block.training
-    data = digits_data()
+    data = digits_datamodule()
     fit(method, data, tmp_path, max_epochs=1, limit_train_batches=2)
     after = method.backbone.state_dict()
     for key, value in pretrained.items():
