@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.conftest import CIFAR10_SHARED as CIFAR10_DIR
 
 from ltlib.data import ArrayPool
-
-SHARED = Path(__file__).parents[2].parent / "shared"
-CIFAR10_DIR = SHARED / "data" / "cifar10"
 
 
 def make_array_pools(train_counts: Sequence[int], test_per_class: int = 4, *, size: int = 8, channels: int = 3,

@@ -19,8 +19,8 @@ from tests.conftest import REPO, digits_datamodule, run_cli
 from ltlib.backbones.cifar_resnet import CifarResNet
 from ltlib.data import ClassBalancedSampler, LongTailDataModule, UniformSampler
 from ltlib.errors import LtlibError
-from ltlib.losses import NormedLinear, posthoc_logit_adjustment
-from ltlib.methods.baselines import BaselineClassifier, LDAMCodeFocalLoss
+from ltlib.losses import LDAMCodeFocalLoss, NormedLinear, posthoc_logit_adjustment
+from ltlib.methods.baselines import BaselineClassifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

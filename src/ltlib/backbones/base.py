@@ -127,18 +127,7 @@ class Backbone(nn.Module):
         for key, value in own.items():
             if key.endswith("num_batches_tracked") and key not in remapped:
                 remapped[key] = value
-        problems = []
-        missing = [key for key in own if key not in remapped]
-        unexpected = [key for key in remapped if key not in own]
-        if missing:
-            problems.append(f"missing {_some(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {_some(unexpected)}")
-        for key, value in remapped.items():
-            if key in own and tuple(value.shape) != tuple(own[key].shape):
-                problems.append(f"{key} has shape {list(value.shape)} in the file but "
-                                f"{list(own[key].shape)} in the model")
-                break
+        problems = state_dict_mismatches(own, remapped, there="in the file", here="in the model")
         if problems:
             raise LtlibError(f"pretrained weights {source} do not fit backbone {self.arch!r}: "
                              + "; ".join(problems))
@@ -163,6 +152,24 @@ def features_key(key: str, backbone: Backbone, *, features: str = "features",
         if isinstance(container, nn.Sequential) and index in dict(container.named_children()):
             return f"{name}.{index}.{tail}"
     return key
+
+
+def state_dict_mismatches(own: Mapping[str, Tensor], state: Mapping[str, Tensor], *, there: str = "there",
+                          here: str = "here") -> list[str]:
+    """What keeps ``state`` from loading strictly where ``own`` is the module's state dict: missing and
+    unexpected keys, and the first shape that differs; empty when it fits."""
+    problems = []
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    if missing:
+        problems.append(f"missing {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_some(unexpected)}")
+    for key, value in state.items():
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            problems.append(f"{key} has shape {list(value.shape)} {there} but {list(own[key].shape)} {here}")
+            break
+    return problems
 
 
 def _some(keys: list[str], limit: int = 3) -> str:

@@ -184,6 +184,13 @@ def list_samplers() -> list[str]:
     return sorted(_SAMPLERS)
 
 
+def check_sampler(name: str, option: str = "sampler") -> str:
+    """``name`` if it is a registered sampler, else a one-line error naming the ``option`` it was given to."""
+    if name not in _SAMPLERS:
+        raise unknown_name(option, name, _SAMPLERS)
+    return name
+
+
 def create_sampler(name: str, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int,
                    rank: int = 0, world_size: int = 1) -> Sampler[int]:
     """Build the training sampler ``name`` over a dataset with labels ``targets``, sharded for ``rank``.

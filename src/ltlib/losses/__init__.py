@@ -6,7 +6,7 @@ Per-class ``weight`` arguments behave as in ``F.cross_entropy(weight=...)``.
 """
 
 from ltlib.losses.feature_balanced import FeatureBalancedLoss, feature_balanced_stimulus
-from ltlib.losses.focal import CBFocalLoss, FocalLoss
+from ltlib.losses.focal import CBFocalLoss, FocalLoss, LDAMCodeFocalLoss
 from ltlib.losses.ldam import LDAMLoss, NormedLinear, ldam_margins
 from ltlib.losses.logit_adjustment import LogitAdjustedLoss, log_class_priors, posthoc_logit_adjustment
 from ltlib.losses.soft_target import SoftTargetCrossEntropy
@@ -16,6 +16,7 @@ __all__ = [
     "CBFocalLoss",
     "FeatureBalancedLoss",
     "FocalLoss",
+    "LDAMCodeFocalLoss",
     "LDAMLoss",
     "LogitAdjustedLoss",
     "NormedLinear",

@@ -106,6 +106,39 @@ class FocalLoss(nn.Module):
         return f"gamma={self.gamma:g}, reduction={self.reduction!r}, weighted={self.weight is not None}"
 
 
+class LDAMCodeFocalLoss(nn.Module):
+    """The focal loss of LDAM-DRW's code, ``l_i = (1 - exp(-w_y CE_i))^gamma w_y CE_i``.
+
+    With class weights its modulating factor is ``(1 - p_t^{w_y})^gamma`` instead of Lin et al.'s
+    ``(1 - p_t)^gamma`` (:class:`~ltlib.losses.FocalLoss`); without weights the two agree. Reduction
+    as :class:`~ltlib.losses.FocalLoss`: ``"mean"`` divides by ``sum_i w_{y_i}`` (LDAM-DRW's code
+    divides by the batch size: use ``reduction="none"`` and ``.mean()``).
+    """
+
+    def __init__(self, gamma: float = 1.0, weight: Tensor | Sequence[float] | None = None,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.gamma = _check_gamma(gamma)
+        self.reduction = check_reduction(reduction)
+        self.register_buffer("weight", prepare_weight(weight, None, "LDAMCodeFocalLoss"), persistent=False)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        check_logits(logits, None, "LDAMCodeFocalLoss")
+        targets = check_targets(targets, logits, "LDAMCodeFocalLoss")
+        dtype = compute_dtype(logits)
+        weight = weight_for(self.weight, logits, dtype, "LDAMCodeFocalLoss")
+        weighted_ce = F.cross_entropy(logits.to(dtype), targets, weight=weight, reduction="none")
+        losses = (-torch.expm1(-weighted_ce)).clamp_min(0.0) ** self.gamma * weighted_ce
+        if self.reduction == "none":
+            return losses
+        if self.reduction == "sum":
+            return losses.sum()
+        return losses.mean() if weight is None else losses.sum() / weight[targets].sum()
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma:g}, reduction={self.reduction!r}, weighted={self.weight is not None}"
+
+
 class CBFocalLoss(nn.Module):
     """Class-balanced focal loss (Cui et al., CVPR 2019): focal loss weighted by
     :func:`~ltlib.losses.class_balanced_weights`, ``w_c ∝ (1 - beta) / (1 - beta^{n_c})`` (the

@@ -32,21 +32,19 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ltlib.data.deferred import deferred_sampler_spec
-from ltlib.data.samplers import list_samplers
+from ltlib.data.samplers import check_sampler
 from ltlib.errors import LtlibError, check_in_range, unknown_name
-from ltlib.losses import CBFocalLoss, FocalLoss, LDAMLoss, LogitAdjustedLoss, NormedLinear, log_class_priors
-from ltlib.losses._common import (
-    check_logits,
-    check_reduction,
-    check_targets,
-    compute_dtype,
-    prepare_weight,
-    weight_for,
+from ltlib.losses import (
+    CBFocalLoss,
+    FocalLoss,
+    LDAMCodeFocalLoss,
+    LDAMLoss,
+    LogitAdjustedLoss,
+    NormedLinear,
+    log_class_priors,
 )
 from ltlib.losses.weights import as_class_counts
 from ltlib.methods.base import LongTailMethod, OptimConfig
@@ -61,39 +59,6 @@ FOCAL_FORMS = ("softmax", "sigmoid", "ldam_code")
 CLASSIFIERS = ("auto", "linear", "normed")
 #: weighted_mean: sum_i w_{y_i} l_i / sum_i w_{y_i} (F.cross_entropy(weight=...)); batch_mean: / B.
 REDUCTIONS = ("weighted_mean", "batch_mean")
-
-
-class LDAMCodeFocalLoss(nn.Module):
-    """The focal loss of LDAM-DRW's code, ``l_i = (1 - exp(-w_y CE_i))^gamma w_y CE_i``.
-
-    With class weights its modulating factor is ``(1 - p_t^{w_y})^gamma`` instead of Lin et al.'s
-    ``(1 - p_t)^gamma`` (:class:`~ltlib.losses.FocalLoss`); without weights the two agree. Reduction
-    as :class:`~ltlib.losses.FocalLoss`: ``"mean"`` divides by ``sum_i w_{y_i}`` (LDAM-DRW's code
-    divides by the batch size: use ``reduction="none"`` and ``.mean()``).
-    """
-
-    def __init__(self, gamma: float = 1.0, weight: Tensor | Sequence[float] | None = None,
-                 reduction: str = "mean") -> None:
-        super().__init__()
-        self.gamma = check_in_range("gamma", float(gamma), 0.0, math.inf, high_inclusive=False)
-        self.reduction = check_reduction(reduction)
-        self.register_buffer("weight", prepare_weight(weight, None, "LDAMCodeFocalLoss"), persistent=False)
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        check_logits(logits, None, "LDAMCodeFocalLoss")
-        targets = check_targets(targets, logits, "LDAMCodeFocalLoss")
-        dtype = compute_dtype(logits)
-        weight = weight_for(self.weight, logits, dtype, "LDAMCodeFocalLoss")
-        weighted_ce = F.cross_entropy(logits.to(dtype), targets, weight=weight, reduction="none")
-        losses = (-torch.expm1(-weighted_ce)).clamp_min(0.0) ** self.gamma * weighted_ce
-        if self.reduction == "none":
-            return losses
-        if self.reduction == "sum":
-            return losses.sum()
-        return losses.mean() if weight is None else losses.sum() / weight[targets].sum()
-
-    def extra_repr(self) -> str:
-        return f"gamma={self.gamma:g}, reduction={self.reduction!r}, weighted={self.weight is not None}"
 
 
 def _check_choice(kind: str, value: str, allowed: Sequence[str]) -> str:
@@ -118,7 +83,7 @@ class BaselineClassifier(LongTailMethod):
         gamma: focal loss focusing parameter, ``>= 0``.
         focal_form: ``softmax`` (Lin et al., default), ``sigmoid`` (Cui et al.'s code: one sigmoid per
             class, last-layer bias initialised to ``-log(C - 1)`` and not weight-decayed) or
-            ``ldam_code`` (:class:`LDAMCodeFocalLoss`).
+            ``ldam_code`` (:class:`~ltlib.losses.LDAMCodeFocalLoss`).
         max_margin, scale: LDAM's largest margin (0.5) and logit scale ``s`` (30).
         tau: logit adjustment strength of the ``logit_adjusted`` loss.
         classifier: ``linear``, ``normed`` (cosine, :class:`~ltlib.losses.NormedLinear`) or ``auto``
@@ -177,8 +142,7 @@ class BaselineClassifier(LongTailMethod):
         self._sigmoid_head = loss == "focal" and focal_form == "sigmoid"
         super().__init__(backbone, num_classes, class_counts, optim, **kwargs)
 
-        if sampler not in list_samplers():
-            raise unknown_name("sampler", sampler, list_samplers())
+        check_sampler(sampler)
         self.reweight_from_epoch = _check_epoch("reweight_from_epoch", reweight_from_epoch)
         self.resample_from_epoch = _check_epoch("resample_from_epoch", resample_from_epoch)
         self.deferred_sampler = deferred_sampler
@@ -281,5 +245,4 @@ __all__ = [
     "LOSSES",
     "REDUCTIONS",
     "BaselineClassifier",
-    "LDAMCodeFocalLoss",
 ]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ltlib.analysis.weight_norms import classifier_weight_norms, plot_weight_norms, weight_norm_summary
-from ltlib.data.samplers import list_samplers
+from ltlib.data.samplers import check_sampler
 from ltlib.errors import LtlibError, check_in_range, unknown_name
 from ltlib.methods.base import LongTailMethod, OptimConfig
 from ltlib.schedules import get_schedule, list_schedules
@@ -127,8 +127,7 @@ class BBN(LongTailMethod):
     ) -> None:
         if trunk_pass not in TRUNK_PASSES:
             raise unknown_name("BBN trunk_pass", trunk_pass, TRUNK_PASSES)
-        if rebalancing_sampler not in list_samplers():
-            raise unknown_name("rebalancing_sampler", rebalancing_sampler, list_samplers())
+        check_sampler(rebalancing_sampler, "rebalancing_sampler")
         if combiner not in COMBINERS:
             raise unknown_name("BBN combiner", combiner, COMBINERS)
         if adaptor not in list_schedules():

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ltlib.data.samplers import list_samplers
+from ltlib.backbones.base import state_dict_mismatches
+from ltlib.data.samplers import check_sampler
 from ltlib.errors import LtlibError, unknown_name
 from ltlib.methods.base import LongTailMethod, OptimConfig
 from ltlib.methods.standard import make_class_weights
@@ -90,19 +91,7 @@ def representation_state(state: Mapping[str, Tensor], branch: str = "conventiona
 
 def load_exactly(module: nn.Module, state: Mapping[str, Tensor], what: str, hint: str = "") -> None:
     """Load ``state`` into ``module`` requiring the same keys and shapes; else a one-line LtlibError."""
-    own = module.state_dict()
-    problems = []
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing:
-        problems.append(f"missing {len(missing)} keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:3])}"
-                        f"{', ...' if len(unexpected) > 3 else ''})")
-    for key, value in own.items():
-        if key in state and tuple(state[key].shape) != tuple(value.shape):
-            problems.append(f"{key} has shape {list(state[key].shape)} there but {list(value.shape)} here")
-            break
+    problems = state_dict_mismatches(module.state_dict(), state)
     if problems:
         raise LtlibError(f"{what} does not fit: {'; '.join(problems)}{hint}")
     module.load_state_dict(dict(state), strict=True)
@@ -157,8 +146,7 @@ class ClassifierRetraining(LongTailMethod):
     ) -> None:
         if branch not in BRANCHES:
             raise unknown_name("crt branch", branch, BRANCHES)
-        if sampler not in list_samplers():
-            raise unknown_name("sampler", sampler, list_samplers())
+        check_sampler(sampler)
         if classifier_init not in CLASSIFIER_INITS:
             raise unknown_name("crt classifier_init", classifier_init, CLASSIFIER_INITS)
         state = load_stage1_state(stage1_checkpoint)

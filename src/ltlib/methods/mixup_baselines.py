@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ltlib.data.samplers import list_samplers
+from ltlib.data.samplers import check_sampler
 from ltlib.errors import LtlibError, check_in_range, unknown_name
 from ltlib.losses import SoftTargetCrossEntropy
 from ltlib.methods.base import LongTailMethod, OptimConfig
@@ -112,8 +112,8 @@ class MixupClassifier(LongTailMethod):
                                  f"{getattr(backbone, 'arch', type(backbone).__name__)!r}; available: "
                                  f"{', '.join(known)}")
         for name in (sampler, second_sampler):
-            if name is not None and name not in list_samplers():
-                raise unknown_name("sampler", name, list_samplers())
+            if name is not None:
+                check_sampler(name)
         self.two_samplers = second_sampler is not None
         self.train_streams = {"main": sampler, "partner": second_sampler} if self.two_samplers else {"main": sampler}
         self.soft_cross_entropy = SoftTargetCrossEntropy()

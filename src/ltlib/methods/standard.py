@@ -12,7 +12,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ltlib.data.samplers import list_samplers
+from ltlib.data.samplers import check_sampler
 from ltlib.errors import LtlibError
 from ltlib.losses import class_balanced_weights, inverse_frequency_weights
 from ltlib.methods.base import LongTailMethod, OptimConfig
@@ -55,8 +55,7 @@ class StandardClassifier(LongTailMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(backbone, num_classes, class_counts, optim, **kwargs)
-        if sampler not in list_samplers():
-            raise LtlibError(f"unknown sampler {sampler!r}; available: {', '.join(list_samplers())}")
+        check_sampler(sampler)
         self.train_streams = {"main": sampler}
         self.class_weighting = class_weighting
         weights = make_class_weights(class_weighting, class_counts, beta)
