@@ -47,6 +47,26 @@ def test_recipes_follow_the_data_and_overrides_win():
     assert compose_cfg("data=cifar100_lt", "trainer.max_epochs=7").trainer.max_epochs == 7
 
 
+@pytest.mark.parametrize("experiment,data", [
+    ("bbn_inat", "inat2018"), ("bbn_inat_2x", "inat2018"), ("fbl_table3_imagenet_lt", "imagenet_lt"),
+    ("fbl_table3_inat2018", "inat2018"), ("fbl_table3_places_lt", "places_lt"),
+    ("two_head_table3_imagenet_lt", "imagenet_lt"), ("two_head_full_table3_imagenet_lt", "imagenet_lt")])
+def test_large_dataset_presets_use_the_dataset_config_and_its_full_training_list(experiment, data):
+    """Only the image root is left to give; no training image is held out for validation, which comes from
+    the dataset's own validation list (ImageNet-LT, Places-LT) or does not exist (iNaturalist)."""
+    cfg = compose_cfg(f"experiment={experiment}", "data.root=/tmp/x")
+    assert cfg.hydra.runtime.choices["data"] == data and cfg.data.name == data
+    OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
+    assert cfg.data.val_fraction == 0 and cfg.data.val_per_class is None and cfg.data.imbalance_ratio is None
+    val_list = {"imagenet_lt": "ImageNet_LT_val.txt", "places_lt": "Places_LT_val.txt"}.get(data)
+    assert cfg.data.source.get("val_list") == val_list
+
+
+def test_filelist_holds_nothing_out_unless_asked():
+    cfg = compose_cfg("data=filelist")
+    assert cfg.data.val_fraction == 0 and cfg.data.source.val_list is None
+
+
 @pytest.mark.parametrize("backbone", group_options("backbone"))
 def test_every_backbone_config_names_a_registered_backbone(backbone):
     from ltlib.backbones import list_backbones

@@ -30,7 +30,7 @@ def base_config(method: str, *, dataset: str = "cifar10_lt", ratio: float | None
     return {
         "method": method_config,
         "backbone": {"_target_": "ltlib.backbones.create_backbone", "name": backbone},
-        "optim": {"lr": 0.1, "warmup_epochs": 5, "milestones": [120, 160]},
+        "optim": {"lr": 0.1, "warmup_epochs": 5, "schedule": "multistep", "milestones": [120, 160]},
         "trainer": {"max_epochs": 200, "accelerator": "gpu", "devices": 1},
         "data": {"name": dataset, "imbalance_ratio": ratio, "subset_seed": 0, "seed": seed,
                  "root": f"/data/{seed}", "num_workers": 2},
@@ -87,8 +87,9 @@ def test_mean_and_std_over_seeds_with_published_numbers_and_missing_runs(sweep, 
     assert ce.stats("top1") == (pytest.approx(values.mean()), pytest.approx(values.std(ddof=1)), 3)
     assert ce.stats("mean_class_acc")[0] == pytest.approx(values.mean() - 1)
     assert [r.seeds["seed"] for r in ce.ok] == [0, 1, 2]
+    # the recipe decides too: FBL trained its CE baseline (71.07) with lr decays at 160 and 180, not 120 and 160
     assert {(p.source, round(p.accuracy, 2)) for p in ce.published} == {
-        ("bbn Table 1", 70.36), ("fbl Table 2", 71.07), ("two_head Table 1", 70.36)}
+        ("bbn Table 1", 70.36), ("two_head Table 1", 70.36)}
     bbn = cell_of(cells, "bbn")
     assert len(bbn.runs) == 2 and len(bbn.ok) == 1
     mean, std, n = bbn.stats("top1")
@@ -101,8 +102,8 @@ def test_mean_and_std_over_seeds_with_published_numbers_and_missing_runs(sweep, 
     markdown = files[0].read_text()
     ce_line = next(line for line in markdown.splitlines() if line.startswith("| ce |"))
     assert "| 3 | 72.33 ± 2.52 | 71.33 ± 2.52 | 90.00 ± 0.00 |" in ce_line
-    assert "70.36 (BBN T1)" in ce_line and "71.07 (FBL T2)" in ce_line and "70.36 (two-head T1)" in ce_line
-    assert "+1.97" in ce_line and "+1.26" in ce_line
+    assert "70.36 (BBN T1)" in ce_line and "70.36 (two-head T1)" in ce_line and "FBL" not in ce_line
+    assert "+1.97" in ce_line
     bbn_line = next(line for line in markdown.splitlines() if line.startswith("| bbn |"))
     assert "| 1/2 (1 failed) | 80.00 |" in bbn_line and "79.82 (BBN T1)" in bbn_line and "+0.18" in bbn_line
     assert "## Missing or failed runs (2)" in markdown
@@ -112,7 +113,8 @@ def test_mean_and_std_over_seeds_with_published_numbers_and_missing_runs(sweep, 
         ce_row = next(row for row in csv.DictReader(handle) if row["method"] == "ce")
     assert float(ce_row["top1_mean"]) == pytest.approx(72.3333, abs=1e-3)
     assert float(ce_row["top1_std"]) == pytest.approx(2.5166, abs=1e-3)
-    assert float(ce_row["delta top1 (FBL T2)"]) == pytest.approx(72.3333 - 71.07, abs=1e-3)
+    assert float(ce_row["delta top1 (two-head T1)"]) == pytest.approx(72.3333 - 70.36, abs=1e-3)
+    assert ce_row["delta top1 (FBL T2)"] == "" and ce_row["published_reason"] == ""  # FBL T2 matches the BBN cell
     missing = (tmp_path / "out" / "report_missing.csv").read_text().splitlines()
     assert len(missing) == 3 and missing[0].startswith("run_dir,status,reason")
     assert (tmp_path / "out" / "report.png").stat().st_size > 5000
@@ -151,7 +153,150 @@ def test_aliases_and_backbones_decide_the_published_match(tmp_path):
     plain = report.build_cells(report.collect_runs([root]))
     assert all(not c.published for c in plain)
     aliased = report.build_cells(report.collect_runs([root], aliases={"folder": "cifar10_lt"}), any_backbone=True)
-    assert len(aliased) == 2 and all({p.source for p in c.published} >= {"bbn Table 1", "fbl Table 2"} for c in aliased)
+    assert len(aliased) == 2 and all({p.source for p in c.published} >= {"bbn Table 1", "two_head Table 1"}
+                                     for c in aliased)
+
+
+def recipe_config(method: str, *, max_epochs: int, milestones: list[int], schedule: str = "multistep",
+                  **kwargs) -> dict:
+    """:func:`base_config` trained for ``max_epochs`` with the lr decays at ``milestones``."""
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("dataset", "ratio", "seed", "backbone")}
+    config = base_config(method, **kwargs, **options)
+    config["trainer"]["max_epochs"] = max_epochs
+    config["optim"].update(schedule=schedule, milestones=milestones)
+    return config
+
+
+INAT18 = {"dataset": "inat2018", "ratio": None, "backbone": "resnet50"}
+
+
+def test_the_recipe_decides_which_published_number_a_run_meets(tmp_path):
+    """BBN on iNaturalist 2018 with the 2x schedule (experiment=bbn_inat_2x: 180 epochs, decays from the 120th
+    and 160th epoch counted from 1, alpha horizon 200) meets table 2's "Our BBN (2x)" row, not the 1x row;
+    the 1x run (90 epochs, 60 / 80) the 1x numbers only; runs off every published recipe meet nothing and
+    the report says why."""
+    root = tmp_path / "runs"
+    write_run(root / "bbn_2x", "bbn", 0.69, recipe_config("bbn", max_epochs=180, milestones=[119, 159],
+                                                          adaptor_epochs=200, **INAT18))
+    write_run(root / "bbn_1x", "bbn", 0.66, recipe_config("bbn", max_epochs=90, milestones=[59, 79],
+                                                          adaptor_epochs=100, **INAT18))
+    write_run(root / "bbn_10_epochs", "bbn", 0.50, recipe_config("bbn", max_epochs=10, milestones=[6, 8]))
+    write_run(root / "bbn_other_decays", "bbn", 0.78, recipe_config("bbn", max_epochs=200, milestones=[100, 150],
+                                                                    dataset="cifar100_lt"))
+    cells, _, files = report.write_report([root], tmp_path / "out")
+
+    two_x = cell_of(cells, "bbn", epochs=180)
+    # BBN table 2: "Our BBN ($2\times$)	30.38	34.25" (iNaturalist 2018, 2017; error rates)
+    assert [(p.source, p.label, p.value) for p in two_x.published] == [("bbn Table 2", "Our BBN (2x)", 30.38)]
+    one_x = cell_of(cells, "bbn", epochs=90)
+    # BBN table 2: "Our BBN	33.71	36.61"; table 6: "BBN (Ours)	17.82	52.98	36.61	33.74" (iNaturalist 2018 last)
+    assert sorted((p.source, p.label, p.value) for p in one_x.published) == [
+        ("bbn Table 2", "Our BBN", 33.71), ("bbn Table 6 (supplementary C)", "BBN (Ours)", 33.74)]
+    assert two_x.published_reason is None and one_x.published_reason is None
+    short = cell_of(cells, "bbn", epochs=10)
+    assert not short.published
+    assert short.published_reason == "no published bbn result on cifar10_lt for 10 epochs (published: 200)"
+    decays = cell_of(cells, "bbn", dataset="cifar100_lt")
+    assert decays.published_reason == ("no published bbn result on cifar100_lt for lr milestones [100, 150] "
+                                       "(published: [120, 160])")
+
+    markdown = files[0].read_text()
+    line_2x = next(line for line in markdown.splitlines() if line.startswith("| bbn [adaptor_epochs=200] |"))
+    assert "| 69.62 (BBN T2) | -0.62 |" in line_2x
+    assert "## Cells without a published number (2)" in markdown
+    assert short.published_reason in markdown and decays.published_reason in markdown
+    with open(files[1]) as handle:
+        reasons = {row["epochs"]: row["published_reason"] for row in csv.DictReader(handle)}
+    assert reasons == {"10": short.published_reason, "90": "", "180": "", "200": decays.published_reason}
+
+
+def test_cb_focal_rows_are_cui_et_al_s_sigmoid_form(tmp_path):
+    """BBN table 1's "CB-Focal [5]" and two-head table 1's "CB+Focal" quote Cui et al. [5] / [11], whose CB
+    focal loss is the sigmoid one, cb_focal's default: a default cb_focal run meets them; a cb_focal run in
+    LDAM-DRW's code's form (focal_form=ldam_code) meets none and is told why."""
+    root = tmp_path / "runs"
+    # experiment=bbn_table1_baselines method=cb_focal: Cui et al.'s code's decays at 160 and 180
+    write_run(root / "sigmoid_preset", "cb_focal", 0.74,
+              recipe_config("cb_focal", max_epochs=200, milestones=[160, 180]))
+    # the CIFAR recipe of the two-head paper (section 3.1: decays at the 120th and 160th epoch)
+    write_run(root / "sigmoid_cifar", "cb_focal", 0.73,
+              recipe_config("cb_focal", max_epochs=200, milestones=[120, 160], seed=1))
+    write_run(root / "ldam_code", "cb_focal", 0.72,
+              recipe_config("cb_focal", max_epochs=200, milestones=[160, 180], seed=2,
+                            focal_form="ldam_code", reduction="batch_mean"))
+    cells = report.build_cells(report.collect_runs([root]))
+    sigmoid = [c for c in cells if c.method == "cb_focal" and not c.variant]
+    (preset,) = [c for c in sigmoid if c.recipe["milestones"] == [160, 180]]
+    (cifar,) = [c for c in sigmoid if c.recipe["milestones"] == [120, 160]]
+    # BBN table 1: "CB-Focal [5]	25.43	20.73	12.90	60.40	54.83	42.01" (CIFAR-10 IR 100 first)
+    assert [(p.source, p.label, p.value) for p in preset.published] == [("bbn Table 1", "CB-Focal [5]", 25.43)]
+    assert preset.published[0].accuracy == pytest.approx(74.57)
+    # two-head table 1: "CB+Focal	RB+RB	74.57	79.27	87.49	39.60	45.32	57.99"
+    assert sorted((p.source, p.label, p.value) for p in cifar.published) == [
+        ("bbn Table 1", "CB-Focal [5]", 25.43), ("two_head Table 1", "CB+Focal", 74.57)]
+    (ldam_code,) = [c for c in cells if c.method == "cb_focal" and c.variant]
+    assert not ldam_code.published
+    assert ldam_code.published_reason.startswith(
+        "no published cb_focal result on cifar10_lt with focal_form=ldam_code (published: the defaults); ")
+    assert "Cui et al.'s sigmoid form, cb_focal's default" in ldam_code.published_reason
+    assert report.method_variant("cb_focal", preset.runs[0].method_config) == {}
+    assert report.method_variant("cb_focal", ldam_code.runs[0].method_config) == {"focal_form": "ldam_code"}
+
+
+def test_file_lists_meet_published_numbers_under_their_dataset_name(tmp_path):
+    """data=filelist runs are named "filelist": no published number, with the way out; --alias or a
+    data.name of their own puts them next to the dataset's numbers."""
+    root = tmp_path / "runs"
+    inat = {**INAT18, "dataset": "filelist"}
+    write_run(root / "filelist", "bbn", 0.66, recipe_config("bbn", max_epochs=90, milestones=[60, 80], **inat))
+    named = recipe_config("bbn", max_epochs=90, milestones=[60, 80], **INAT18, seed=1)  # data.name=inat2018
+    write_run(root / "named", "bbn", 0.67, named)
+
+    (plain_filelist, plain_named) = sorted(report.build_cells(report.collect_runs([root])), key=lambda c: c.dataset)
+    assert plain_filelist.dataset == "filelist" and not plain_filelist.published
+    assert plain_filelist.published_reason.startswith(
+        "dataset 'filelist' unknown: pass --alias filelist=imagenet_lt (published datasets: cifar10_lt, cifar100_lt, ")
+    assert plain_filelist.published_reason.endswith(") or set data.name")
+    # BBN table 2: "Our BBN	33.71	36.61" (iNaturalist 2018, 2017)
+    assert ("bbn Table 2", 33.71) in {(p.source, p.value) for p in plain_named.published}
+
+    aliased = report.build_cells(report.collect_runs([root], aliases={"filelist": "inat2018"}))
+    assert len(aliased) == 1 and len(aliased[0].runs) == 2  # the alias makes them one cell
+    assert ("bbn Table 2", 33.71) in {(p.source, p.value) for p in aliased[0].published}
+
+    assert report.main([str(root), "-o", str(tmp_path / "cli")]) == 0
+    with open(tmp_path / "cli" / "report.csv") as handle:
+        rows = {row["dataset"]: row for row in csv.DictReader(handle)}
+    assert rows["filelist"]["published_reason"] == plain_filelist.published_reason
+    assert rows["inat2018"]["published_reason"] == ""
+    markdown = (tmp_path / "cli" / "report.md").read_text()
+    assert "dataset 'filelist' unknown: pass --alias filelist=imagenet_lt" in markdown
+
+
+def test_a_published_value_s_note_is_shown_where_it_is_used(tmp_path):
+    """FBL table 2 prints LDAM-DRW on CIFAR-100-LT IR 50 as 47.62; BBN table 1 gives the same result as
+    53.38 % error (46.62 %): the value is kept as FBL prints it, with a note, in the markdown and the CSV."""
+    root = tmp_path / "runs"
+    # experiment=bbn_table1_baselines method=ldam_drw: LDAM-DRW's decays at 160 and 180 (FBL section 4.2 too)
+    write_run(root / "ldam_drw", "ldam_drw", 0.47, recipe_config("ldam_drw", max_epochs=200, milestones=[160, 180],
+                                                                 dataset="cifar100_lt", ratio=50))
+    cells, _, files = report.write_report([root], tmp_path / "out")
+    (cell,) = cells
+    by_source = {p.source: p for p in cell.published}
+    # FBL table 2: "LDAM-DRW [6] (<i>NeurIPS</i> 2019)	77.03	81.03	42.04	47.62" (CIFAR-100-LT IR 50 last)
+    assert by_source["fbl Table 2"].value == 47.62 and "46.62" in by_source["fbl Table 2"].note
+    # BBN table 1: "LDAM-DRW [3]	22.97	18.97	11.84	57.96	53.38	41.29" (CIFAR-100 IR 50 fifth)
+    assert by_source["bbn Table 1"].value == 53.38 and by_source["bbn Table 1"].note is None
+    markdown = files[0].read_text()
+    assert "47.62 (FBL T2) [note 1]" in markdown and "46.62 (BBN T1); 47.62" in markdown
+    note_line = next(line for line in markdown.splitlines() if line.startswith("1. FBL T2"))
+    assert note_line.startswith('1. FBL T2 "LDAM-DRW [6] (NeurIPS 2019)", cifar100_lt IR 50, top1: as printed in FBL')
+    assert "53.38 % error, i.e. 46.62 % accuracy" in note_line
+    with open(files[1]) as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert "46.62" in row["published_notes"] and row["published_notes"].startswith('FBL T2 "LDAM-DRW')
+    # the other LDAM-DRW values of the row carry no note
+    assert all(p.note is None for p in find_published("ldam_drw", "cifar100_lt", 100, backbone="resnet32"))
 
 
 def test_expected_jobs_expand_the_sweeper_params_and_command_line(tmp_path):
@@ -206,7 +351,9 @@ def test_published_entries_name_real_methods_options_and_datasets():
     methods = {p.stem for p in (CONFIGS / "method").glob("*.yaml")}
     allowed_values = {"adaptor": set(list_schedules()), "schedule": set(list_schedules()),
                       "rebalancing_sampler": set(list_samplers()), "feature_balancing": {True, False},
-                      "class_division": {True, False}}
+                      "class_division": {True, False},
+                      # the official codes' settings of FBL table 3 and two-head table 3 (their presets)
+                      "lambda_": {150.0}, "freeze_trunk": {True}, "reset_last_block": {True}, "mixup_alpha": {0.2}}
     entries = published_results()
     assert len(entries) > 250
     for entry in entries:
@@ -226,7 +373,68 @@ def test_published_entries_name_real_methods_options_and_datasets():
     shots = {p.accuracy_metric: p.value for p in find_published("ce", "imagenet_lt", None, backbone="resnext50_32x4d")}
     assert shots == {"many": 65.9, "medium": 37.5, "few": 7.7, "top1": 44.4}
     assert not find_published("bbn", "inat2018", None, backbone="resnet50", variant_keys={"adaptor"})
-    assert {p.value for p in find_published("bbn", "inat2018", None, backbone="resnet50")} == {33.71, 33.74}
+    assert {p.value for p in find_published("bbn", "inat2018", None, backbone="resnet50")} == {33.71, 33.74, 30.38}
+    assert {p.value for p in find_published("bbn", "inat2018", None, backbone="resnet50",
+                                            recipe={"max_epochs": 90})} == {33.71, 33.74}
+
+
+def test_recipes_and_notes_of_the_data_file_are_well_formed():
+    from ltlib.published import RECIPE_KEYS, implementation_options
+
+    method_options = {p.stem: set(report.default_method_config(p.stem) or {})
+                      for p in (CONFIGS / "method").glob("*.yaml")}
+    for entry in published_results():
+        assert set(entry.recipe) <= set(RECIPE_KEYS), entry
+        if entry.method is None:
+            continue
+        assert entry.setting is None, entry  # a setting only explains a row ltlib does not train
+        assert isinstance(entry.recipe.get("max_epochs"), int), entry  # every matchable number has its epochs
+        assert entry.recipe.get("schedule") in (None, "multistep", "cosine"), entry
+        if "milestones" in entry.recipe:
+            milestones = entry.recipe["milestones"]
+            assert entry.recipe["schedule"] == "multistep" and milestones == sorted(milestones), entry
+        for option in implementation_options(entry.method):
+            assert option not in entry.params, (entry, option)
+    for method, options in method_options.items():
+        specific = implementation_options(method) - implementation_options("*")
+        assert specific <= options, (method, specific - options)
+    assert implementation_options("*") <= set().union(*method_options.values())
+    noted = [(e.source, e.label, e.dataset, e.imbalance_ratio) for e in published_results() if e.note]
+    assert ("fbl Table 2", "LDAM-DRW [6] (NeurIPS 2019)", "cifar100_lt", 50.0) in noted
+    assert ("fbl Table 2", "LDAM-DRW [6] (NeurIPS 2019)", "cifar100_lt", 100.0) not in noted
+
+
+# (preset overrides, method, rows the run must meet, rows it must not meet)
+@pytest.mark.parametrize("overrides,method,expected,absent", [
+    (["experiment=bbn_table1_cifar10"], "bbn", {("bbn Table 1", "Our BBN")}, set()),
+    (["experiment=bbn_table1_baselines", "method=cb_focal"], "cb_focal",
+     {("bbn Table 1", "CB-Focal [5]")}, set()),
+    (["experiment=bbn_inat"], "bbn", {("bbn Table 2", "Our BBN"), ("bbn Table 6 (supplementary C)", "BBN (Ours)")},
+     {("bbn Table 2", "Our BBN (2x)")}),
+    (["experiment=bbn_inat_2x"], "bbn", {("bbn Table 2", "Our BBN (2x)")},
+     {("bbn Table 2", "Our BBN"), ("bbn Table 6 (supplementary C)", "BBN (Ours)")}),
+    (["experiment=fbl_table2"], "fbl", {("fbl Table 2", "FBL (ours)")}, set()),
+    (["experiment=fbl_table3_places_lt"], "fbl", {("fbl Table 3", "FBL (ours)")}, set()),
+    (["experiment=two_head_table3_imagenet_lt", "method=ce"], "ce", {("two_head Table 3", "CE")}, set()),
+    (["experiment=two_head_full_table3_imagenet_lt"], "two_head_full", {("two_head Table 3", "Ours-Full")}, set()),
+])
+def test_each_preset_meets_its_own_table_row(overrides, method, expected, absent, tmp_path):
+    """The resolved config of a table's preset, read as the report reads a run, meets that table's row
+    (and, for the 2x schedule, not the 1x row)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from ltlib.study import compose_run_config, restored_hydra_state
+
+    cfg = compose_run_config([*overrides, "data.root=/data"], tmp_path / "run")
+    with restored_hydra_state():
+        HydraConfig.instance().set_config(cfg)
+        task = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "logger", "callbacks")])
+        config = OmegaConf.to_container(task, resolve=True)
+    write_run(tmp_path / "run", method, 0.5, config)
+    (cell,) = report.build_cells(report.collect_runs([tmp_path / "run"]))
+    found = {(p.source, p.label) for p in cell.published}
+    assert expected <= found and not absent & found, (found, cell.published_reason)
 
 
 def test_unfinished_runs_say_what_happened_to_them(tmp_path):

@@ -16,6 +16,7 @@ def test_cli_trains_each_method_and_writes_results(method, tiny_run_args, tmp_pa
     run_dir = tmp_path / "run"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == method
+    assert results["batch_size"]["global"] == results["config"]["data"]["batch_size"]  # one process
     assert set(results["metrics"]) == {"val", "test"}
     test = results["metrics"]["test"]
     assert 0.0 <= test["top1"] <= 1.0 and test["num_samples"] == 500  # 50 per class, balanced
@@ -112,6 +113,9 @@ def test_two_process_ddp_run_matches_single_process_evaluation(tiny_run_args, tm
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     ddp_results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert ddp_results["metrics"]["test"]["num_samples"] == 500  # no padded duplicates
+    per_process = ddp_results["config"]["data"]["batch_size"]
+    assert ddp_results["batch_size"] == {"per_process": per_process, "processes": 2, "global": 2 * per_process,
+                                         "streams": 1}
     # Evaluate the same checkpoint in one process: resuming at max_epochs trains nothing more.
     args = [a for a in tiny_run_args if not a.startswith("hydra.run.dir")]
     single = run_cli(*args, f"hydra.run.dir={tmp_path / 'single'}", "eval_checkpoint=last",

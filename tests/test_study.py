@@ -189,3 +189,53 @@ def test_bad_input_is_one_line_error(argv, expected, capsys, tmp_path):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ltlib: error:")]
     assert len(errors) == 1 and expected in errors[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_transfer_stage2_jobs_take_stage1_normalisation_unless_overridden(tmp_path, monkeypatch):
+    """Planned without training: a fake runner composes each job's config as ``ltlib.run`` would, builds its
+    data module (which checks the normalisation options and resolves them) and writes a results.json.
+    Stage 1 normalises CIFAR-100-LT with CIFAR-100's statistics; the transfer target CIFAR-10-LT (whose
+    own default is CIFAR-10's) gets them as overrides, the same-data grid gets none, and a normalisation
+    the target sets itself wins."""
+    from hydra.utils import instantiate
+
+    def fake_run_ltlib(overrides, run_dir, **_):
+        cfg = study.compose_run_config(overrides, run_dir)
+        datamodule = instantiate(cfg.data)
+        run_dir = Path(run_dir)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "best.ckpt").write_bytes(b"")
+        payload = {"config": {"data": {"name": cfg.data.name, "imbalance_ratio": cfg.data.imbalance_ratio},
+                              "method": {"stage1_checkpoint": cfg.method.get("stage1_checkpoint")}},
+                   "splits": {"normalization": {"name": datamodule.normalization, "mean": datamodule.mean,
+                                                "std": datamodule.std}},
+                   "metrics": {"test": {"top1": 0.5}}, "checkpoint": "checkpoints/best.ckpt"}
+        (run_dir / "results.json").write_text(json.dumps(payload))
+        return payload
+
+    monkeypatch.setattr(study, "run_ltlib", fake_run_ltlib)
+    cifar100 = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]  # CIFAR-100's training-set statistics
+    imagenet = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # torchvision's ImageNet statistics
+    result = study.decoupled_study(
+        ["data=cifar100_lt", "data.imbalance_ratio=50", "data.normalization=cifar100"], output_dir=tmp_path,
+        representations=["ce"], classifiers=["rs"],
+        transfers=[["data=cifar10_lt"], ["data=cifar10_lt", "data.normalization=imagenet"]])
+    same, transfer, own = [j for j in result.jobs if j.stage == "stage2"]
+    assert (same.target, transfer.target, own.target) == ("same", "cifar10_lt", "cifar10_lt_2")
+    assert "data.normalization=cifar100" in same.overrides
+    assert not any(o.startswith(("data.mean=", "data.std=")) for o in same.overrides + own.overrides)
+    assert {"data=cifar10_lt", "data.mean=[0.5071,0.4865,0.4409]", "data.std=[0.2673,0.2564,0.2762]",
+            "++data.normalization=null"} <= set(transfer.overrides)
+    assert "data.normalization=imagenet" in own.overrides
+
+    with open(tmp_path / "decoupled_grid.csv") as handle:
+        rows = {row["target"]: row for row in csv.DictReader(handle)}
+    for target, stats in (("same", cifar100), ("cifar10_lt", cifar100), ("cifar10_lt_2", imagenet)):
+        assert (json.loads(rows[target]["data_mean"]), json.loads(rows[target]["data_std"])) == stats, target
+    assert rows["same"]["normalization"] == "stage 1's (same data)"
+    assert rows["cifar10_lt"]["normalization"] == "stage 1's (cifar100_lt (IR 50))"
+    assert rows["cifar10_lt"]["classifier_data"] == "cifar10_lt (IR 50)"
+    assert rows["cifar10_lt_2"]["normalization"] == "--transfer override (data.normalization)"
+    markdown = (tmp_path / "decoupled_grid.md").read_text()
+    assert ("Stage-2 input normalisation: stage 1's (cifar100_lt (IR 50)): data.mean [0.5071, 0.4865, 0.4409], "
+            "data.std [0.2673, 0.2564, 0.2762].") in markdown

@@ -37,9 +37,13 @@ from torch.utils.data import DataLoader
 from ltlib.data.samplers import mix_seed
 from ltlib.errors import LtlibError, check_in_range
 
-# Distinct streams derived from the same (seed, epoch, rank): the host RNGs and the DataLoader's.
+# Distinct streams derived from the same (seed, epoch, rank): Python's, NumPy's and torch's global RNGs
+# and the DataLoader's. NumPy's and torch's each get their own: seeded with one number, torch's CPU
+# generator and NumPy's legacy one would produce the same words.
 _HOST_STREAM = 0
 _LOADER_STREAM = 1
+_NUMPY_STREAM = 2
+_TORCH_STREAM = 3
 _NO_BAD_STEP = 2**62
 
 
@@ -92,10 +96,9 @@ class EpochSeeding(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch, rank = trainer.current_epoch, trainer.global_rank
-        host_seed = self._seed(epoch, rank, _HOST_STREAM)
-        random.seed(host_seed)
-        np.random.seed(host_seed % 2**32)
-        torch.manual_seed(host_seed)  # also seeds every CUDA device
+        random.seed(self._seed(epoch, rank, _HOST_STREAM))
+        np.random.seed(self._seed(epoch, rank, _NUMPY_STREAM) % 2**32)
+        torch.manual_seed(self._seed(epoch, rank, _TORCH_STREAM))  # also seeds every CUDA device
         self._loader_generator.manual_seed(self._seed(epoch, rank, _LOADER_STREAM))
 
 

@@ -133,7 +133,8 @@ def check_data(overrides: Sequence[str], *, quick: bool = False, workers: int | 
     report = CheckReport(data=str(cfg.hydra.runtime.choices.get("data", datamodule.name)),
                          root=getattr(datamodule, "root", None))
     train, test = datamodule.train_dataset, datamodule.test_dataset
-    jobs = {"train": (train.pool, datamodule.train_indices), "val": (train.pool, datamodule.val_indices),
+    # validation images come from the dataset's own validation list where it has one, else the training pool
+    jobs = {"train": (train.pool, datamodule.train_indices), "val": (datamodule.val_pool, datamodule.val_indices),
             "test": (test.pool, test.indices)}
     report.counts = {split: len(indices) for split, (_, indices) in jobs.items()}
     if not all(isinstance(pool, FilePool) for pool, _ in jobs.values()):

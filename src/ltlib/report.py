@@ -23,6 +23,13 @@ Runs belong to the same cell when their resolved configs are equal except for se
 where and how they ran (run name, paths, devices, precision, workers, loggers, callbacks). A classifier re-training run (``crt``) is
 told apart by the method of its stage-1 run. ``--alias folder=cifar10_lt`` renames a dataset so that
 CIFAR-10 in folder layout is compared with the CIFAR-10-LT numbers.
+
+A cell meets a published number only when it was trained as the number was: same method (and
+options), dataset, imbalance ratio, backbone and the recipe the paper states (``trainer.max_epochs``,
+``optim.schedule``, ``optim.milestones``; :func:`ltlib.published.match_published`). A cell that meets
+none says why (``no published bbn result on cifar10_lt for 10 epochs (published: 200)``, a dataset
+name the papers do not use, ...), in ``report.md`` and in the CSV's ``published_reason`` column; notes
+on published values (a value printed differently by its source) are shown where the value is used.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from matplotlib.figure import Figure
 
 from ltlib.analysis.results import RESULTS_JSON, save_figure
 from ltlib.errors import LtlibError, unknown_name
-from ltlib.published import PublishedResult, find_published
+from ltlib.published import PublishedResult, match_published, published_datasets
 from ltlib.run_status import describe_unfinished
 
 REPORT_MD, REPORT_CSV, REPORT_PNG, MISSING_CSV = "report.md", "report.csv", "report.png", "report_missing.csv"
@@ -87,6 +94,8 @@ class RunRecord:
     imbalance_ratio: float | None = None
     backbone: str | None = None
     epochs: int | None = None
+    #: trainer.max_epochs, optim.schedule and optim.milestones (ltlib.published.RECIPE_KEYS), where set
+    recipe: dict[str, Any] = field(default_factory=dict)
     seeds: dict[str, Any] = field(default_factory=dict)
     setting: dict[str, Any] = field(default_factory=dict)
     method_config: dict[str, Any] = field(default_factory=dict)
@@ -238,7 +247,16 @@ def _fill_from_config(record: RunRecord, config: Mapping[str, Any], method: str 
     backbone = config.get("backbone") or {}
     record.backbone = str(backbone.get("name")) if isinstance(backbone, Mapping) and backbone.get("name") else None
     epochs = (config.get("trainer") or {}).get("max_epochs")
-    record.epochs = int(epochs) if isinstance(epochs, int) else None
+    record.epochs = int(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+    optim = config.get("optim") or {}
+    optim = optim if isinstance(optim, Mapping) else {}
+    record.recipe = {"max_epochs": record.epochs, "schedule": optim.get("schedule"),
+                     "milestones": optim.get("milestones")}
+    if not isinstance(record.recipe["schedule"], str):
+        record.recipe["schedule"] = None
+    milestones = record.recipe["milestones"]
+    if not (isinstance(milestones, (list, tuple)) and all(isinstance(m, int) for m in milestones)):
+        record.recipe["milestones"] = None
     record.method_config = dict(config.get("method") or {})
     record.setting, record.seeds = _setting(config)
     if record.dataset and dataset != record.dataset:
@@ -359,6 +377,9 @@ class Cell:
     runs: list[RunRecord]
     other: dict[str, Any] = field(default_factory=dict)
     published: list[PublishedResult] = field(default_factory=list)
+    #: why no published number matches the cell (None when one does)
+    published_reason: str | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[RunRecord]:
@@ -398,10 +419,14 @@ def build_cells(records: Iterable[RunRecord], any_backbone: bool = False) -> lis
         first = runs[0]
         variant = method_variant(str(first.method), first.method_config)
         cell = Cell(str(first.method), variant, str(first.dataset), first.imbalance_ratio, first.backbone,
-                    first.epochs, first.setting, runs)
-        cell.published = find_published(cell.method, cell.dataset, cell.imbalance_ratio,
-                                        backbone=None if any_backbone else cell.backbone,
-                                        method_config=first.method_config, variant_keys=variant)
+                    first.epochs, first.setting, runs, recipe=dict(first.recipe))
+        if cell.dataset not in published_datasets():
+            cell.published_reason = unknown_dataset_reason(cell.dataset)
+        else:
+            match = match_published(cell.method, cell.dataset, cell.imbalance_ratio,
+                                    backbone=None if any_backbone else cell.backbone,
+                                    method_config=first.method_config, variant_keys=variant, recipe=first.recipe)
+            cell.published, cell.published_reason = match.results, match.reason
         cells.append(cell)
     # Settings that differ between cells of the same method, data and backbone are shown with the cell.
     families: dict[tuple[Any, ...], list[Cell]] = {}
@@ -417,6 +442,21 @@ def build_cells(records: Iterable[RunRecord], any_backbone: bool = False) -> lis
     cells.sort(key=lambda c: (c.dataset, -1.0 if c.imbalance_ratio is None else -c.imbalance_ratio,
                               c.backbone or "", c.label, json.dumps(c.other, default=str)))
     return cells
+
+
+#: Data configs whose data.name says nothing of which dataset it is: the published datasets they
+#: most often hold, for the alias hint.
+_GENERIC_DATASETS = {"filelist": "imagenet_lt", "folder": "cifar10_lt"}
+
+
+def unknown_dataset_reason(dataset: str) -> str:
+    """Why a cell on a dataset the papers do not name has no published number, and how to name it."""
+    known = ", ".join(published_datasets())
+    if dataset in _GENERIC_DATASETS:
+        return (f"dataset {dataset!r} unknown: pass --alias {dataset}={_GENERIC_DATASETS[dataset]} (published "
+                f"datasets: {known}) or set data.name")
+    return (f"dataset {dataset!r} has no published numbers (published datasets: {known}; for a copy of one of "
+            f"them pass --alias {dataset}=DATASET or set data.name)")
 
 
 # ------------------------------------------------------------------------------------ the outputs
@@ -448,17 +488,36 @@ def _published_for(cell: Cell, metric: str) -> list[PublishedResult]:
     return [p for p in cell.published if _PUBLISHED_TO_OURS.get(p.accuracy_metric) == metric]
 
 
+def _note_text(result: PublishedResult) -> str:
+    """A published value's note with what it is about: ``FBL T2 "LDAM-DRW ..." cifar100_lt IR 50: ...``."""
+    return (f"{_short_source(result)} \"{result.label}\", {result.dataset} IR {_ratio_text(result.imbalance_ratio)}, "
+            f"{result.accuracy_metric}: {result.note}")
+
+
+def published_notes(cells: Sequence[Cell]) -> list[str]:
+    """The notes of the published values the cells use, each once, in order of first use."""
+    notes: list[str] = []
+    for cell in cells:
+        for result in cell.published:
+            if result.note and _note_text(result) not in notes:
+                notes.append(_note_text(result))
+    return notes
+
+
 def report_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
     """One flat dict per cell: identity, run counts, mean / std / n per metric, seeds, and for every
     published source matched anywhere in the report ``published <metric> (<source>)`` and
-    ``delta <metric> (<source>)`` (ours - published, %)."""
+    ``delta <metric> (<source>)`` (ours - published, %), ``published_reason`` (why none matched) and
+    ``published_notes`` (the notes of the matched values)."""
     sources = sorted({(_short_source(p), p.accuracy_metric) for c in cells for p in c.published})
     rows = []
     for cell in cells:
         row: dict[str, Any] = {
             "method": cell.method, "variant": format_variant(cell.variant), "dataset": cell.dataset,
             "imbalance_ratio": cell.imbalance_ratio, "backbone": cell.backbone, "epochs": cell.epochs,
-            "other_settings": format_variant(cell.other), "runs_ok": len(cell.ok),
+            "other_settings": format_variant(cell.other), "schedule": cell.recipe.get("schedule"),
+            "milestones": None if cell.recipe.get("milestones") is None else json.dumps(cell.recipe["milestones"]),
+            "runs_ok": len(cell.ok),
             "runs_failed": len(cell.runs) - len(cell.ok),
             "seeds": "; ".join(json.dumps(r.seeds, sort_keys=True) for r in cell.ok),
         }
@@ -471,6 +530,8 @@ def report_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
             value = match[0].accuracy if match else math.nan
             row[f"published {metric} ({source})"] = value
             row[f"delta {metric} ({source})"] = cell.stats(ours_key)[0] - value if match else math.nan
+        row["published_reason"] = cell.published_reason or ""
+        row["published_notes"] = " | ".join(dict.fromkeys(_note_text(p) for p in cell.published if p.note))
         rows.append(row)
     return rows
 
@@ -497,16 +558,22 @@ def report_markdown(cells: Sequence[Cell], records: Sequence[RunRecord], split: 
     if sweep_dirs:
         lines += [f"Runs under {', '.join(f'`{d}`' for d in sweep_dirs)}; accuracies (%) on the {split} split, "
                   "mean ± sample std over the runs of a cell (seeds); *published*: the paper's number for the same "
-                  "method, dataset, imbalance ratio and backbone (paper and table), Δ = ours − published.", ""]
+                  "method, dataset, imbalance ratio, backbone and training recipe (epochs, lr schedule and "
+                  "milestones; paper and table), Δ = ours − published.", ""]
     lines.append("| method | dataset | IR | backbone | epochs | runs | top-1 | mean class | many | medium | few "
                  "| published top-1 | Δ top-1 |")
     lines.append("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    notes = published_notes(cells)
+
+    def marker(p: PublishedResult) -> str:
+        return f" [note {notes.index(_note_text(p)) + 1}]" if p.note else ""
+
     for cell in cells:
         label = cell.name
         stats = {key: cell.stats(key) for key in METRICS}
         published = _published_for(cell, "top1")
         ours = stats["top1"][0]
-        pub_text = "; ".join(f"{p.accuracy:.2f} ({_short_source(p)})" for p in published) or "–"
+        pub_text = "; ".join(f"{p.accuracy:.2f} ({_short_source(p)}){marker(p)}" for p in published) or "–"
         delta_text = "; ".join("–" if math.isnan(ours) else f"{ours - p.accuracy:+.2f}" for p in published) or "–"
         lines.append(f"| {label} | {cell.dataset} | {_ratio_text(cell.imbalance_ratio)} | {cell.backbone or '–'} | "
                      f"{cell.epochs if cell.epochs is not None else '–'} | {_runs_text(cell)} | "
@@ -518,8 +585,19 @@ def report_markdown(cells: Sequence[Cell], records: Sequence[RunRecord], split: 
         for cell, p in shot_published:
             ours = cell.stats(_PUBLISHED_TO_OURS[p.accuracy_metric])[0]
             delta = "–" if math.isnan(ours) else f"{ours - p.accuracy:+.2f}"
-            lines.append(f"| {cell.label} | {cell.dataset} | {_short_source(p)} | {p.accuracy_metric} | "
+            lines.append(f"| {cell.label} | {cell.dataset} | {_short_source(p)}{marker(p)} | {p.accuracy_metric} | "
                          f"{p.accuracy:.2f} | {_fmt(ours, math.nan)} | {delta} |")
+    if notes:
+        lines += ["", "Notes on published values:", ""]
+        lines += [f"{k}. {note}" for k, note in enumerate(notes, 1)]
+    unmatched = [c for c in cells if c.published_reason]
+    if unmatched:
+        lines += ["", f"## Cells without a published number ({len(unmatched)})", "",
+                  "| method | dataset | IR | backbone | epochs | why |", "| --- | --- | ---: | --- | ---: | --- |"]
+        for cell in unmatched:
+            lines.append(f"| {cell.name} | {cell.dataset} | {_ratio_text(cell.imbalance_ratio)} | "
+                         f"{cell.backbone or '–'} | {cell.epochs if cell.epochs is not None else '–'} | "
+                         f"{cell.published_reason} |")
     missing = missing_records(records)
     lines += ["", f"## Missing or failed runs ({len(missing)})", ""]
     if not missing:
@@ -622,7 +700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-o", "--output-dir", default=None, help="where to write (default: SWEEP_DIR/report)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="split of the numbers (default: test)")
     parser.add_argument("--alias", action="append", default=[], metavar="NAME=DATASET",
-                        help="report data.name NAME as DATASET (e.g. folder=cifar10_lt; repeatable)")
+                        help="report data.name NAME as DATASET (e.g. folder=cifar10_lt, filelist=imagenet_lt; "
+                             "repeatable)")
     parser.add_argument("--any-backbone", action="store_true",
                         help="match published numbers whatever their backbone (default: the same backbone)")
     args = parser.parse_args(argv)

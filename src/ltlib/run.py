@@ -255,6 +255,13 @@ def carry_over_metrics_log(logger: Any, resume_step: int) -> int:
     return kept
 
 
+def batch_sizes(per_process: int, world_size: int, streams: int = 1) -> dict[str, int]:
+    """The batch sizes of a run for results.json: ``data.batch_size`` is per process (and per sampler stream:
+    BBN's two branches each get that many images), so the optimiser step sees ``global`` per stream."""
+    return {"per_process": int(per_process), "processes": int(world_size), "global": int(per_process * world_size),
+            "streams": int(streams)}
+
+
 def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Run one configured training + evaluation; returns the results payload."""
     import lightning as L
@@ -341,8 +348,9 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             kept = carry_over_metrics_log(logger, resumed["global_step"])
             log.info("resuming from %s (epoch %d, step %d; %d earlier log rows kept)", ckpt_path,
                      resumed["epoch"], resumed["global_step"], kept)
-    log.info("method %s, backbone %s, %s epochs; run directory %s", choices.get("method", type(method).__name__),
-             choices.get("backbone", "custom"), cfg.trainer.max_epochs, output_dir)
+    log.info("method %s, backbone %s, %s epochs, global batch %d (%d per process x %d processes); run directory %s",
+             choices.get("method", type(method).__name__), choices.get("backbone", "custom"), cfg.trainer.max_epochs,
+             datamodule.batch_size * trainer.world_size, datamodule.batch_size, trainer.world_size, output_dir)
     try:
         trainer.fit(method, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
         selected_best = eval_ckpt == "best" and best is not None and bool(best.best_model_path)
@@ -379,6 +387,7 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                 "selected_on": f"{cfg.monitor} ({cfg.monitor_mode}) on the validation split" if selected_best
                 else "last epoch" if has_validation else "last epoch (no validation split)",
                 "epochs_trained": trainer.current_epoch,
+                "batch_size": batch_sizes(datamodule.batch_size, trainer.world_size, len(method.train_streams)),
                 "device": str(torch.device(trainer.strategy.root_device)),
                 **analysis,
             },

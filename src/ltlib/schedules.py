@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ltlib.data.samplers import mix_seed
 from ltlib.errors import unknown_name
 
 Schedule = Callable[[float], float]
@@ -81,16 +82,26 @@ def cosine_increment(p: float) -> float:
 class BetaSchedule:
     """alpha ~ Beta(a, b), drawn afresh at each call (BBN table 4, "beta distribution").
 
-    The draw is made from a generator seeded by ``(seed, call counter)`` so that runs repeat.
+    :meth:`draw` makes the draw a function of ``(seed, key)``: BBN keys it by the optimiser step (the
+    official code draws once per iteration) or the epoch, so that every step draws anew, also past the
+    adaptor's horizon, different seeds draw different sequences, and a resumed run draws the same
+    values. Called as a schedule, ``p`` is the key (``(seed, round(p * 1e9))``).
     """
 
     def __init__(self, a: float = 0.2, b: float = 0.2, seed: int = 0) -> None:
         self.a, self.b, self.seed = a, b, seed
 
+    def draw(self, key: int, seed: int | None = None) -> float:
+        """One Beta(a, b) value, a function of ``(seed, key)`` only."""
+        seed = self.seed if seed is None else seed
+        return float(np.random.default_rng(mix_seed(_BETA_STREAM, seed, key)).beta(self.a, self.b))
+
     def __call__(self, p: float) -> float:
-        # Seeded from the progress value so a resumed run draws the same alpha at the same point.
-        key = int(round(p * 1e9))
-        return float(np.random.default_rng([self.seed, key]).beta(self.a, self.b))
+        return self.draw(int(round(p * 1e9)))
+
+
+#: Keeps the Beta adaptor's generator apart from any other stream seeded by (seed, key).
+_BETA_STREAM = 0xBE7A
 
 
 _SCHEDULES["beta"] = BetaSchedule()

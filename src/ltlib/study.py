@@ -9,7 +9,10 @@ selected checkpoint. The result is the 3 x 3 grid of error rates, representation
 classifier manner in rows, written as ``decoupled_grid.csv``, ``decoupled_grid.md`` and a heat map
 ``decoupled_grid.png`` laid out as BBN figure 2. The transfer variant (figure 2 right: representations
 learned on CIFAR-100-IR50, classifiers on CIFAR-10-IR50) re-trains the classifiers on other data:
-``--transfer "data=cifar10_lt"`` adds a second grid (a second panel) per transfer target::
+``--transfer "data=cifar10_lt"`` adds a second grid (a second panel) per transfer target, whose stage-2
+jobs normalise the target's images with the stage-1 run's mean / std (the normalisation the frozen
+representation was trained with; a ``data.mean`` / ``data.std`` / ``data.normalization`` given in the
+target or ``--stage2`` wins instead; the grid files record the choice)::
 
     python -m ltlib.study decoupled data=cifar100_lt data.imbalance_ratio=50 backbone=resnet32 \\
         --stage2 trainer.max_epochs=30 --transfer "data=cifar10_lt" trainer=gpu
@@ -53,6 +56,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ltlib.analysis.results import RESULTS_JSON, read_results, save_figure
+from ltlib.data.transforms import normalization_stats
 from ltlib.errors import LtlibError, unknown_name
 
 log = logging.getLogger("ltlib.study")
@@ -319,6 +323,10 @@ class GridCell:
     many_acc: float | None = None
     medium_acc: float | None = None
     few_acc: float | None = None
+    #: where the stage-2 run's data.mean / data.std come from, and their values (JSON lists)
+    normalization: str = ""
+    data_mean: str | None = None
+    data_std: str | None = None
 
 
 @dataclass
@@ -367,14 +375,86 @@ def stage1_overrides(representation: str, common: Sequence[str], stage1: Sequenc
 
 
 def stage2_overrides(classifier: str, stage1_checkpoint: str | os.PathLike[str], common: Sequence[str],
-                     stage2: Sequence[str], target: Sequence[str] = ()) -> list[str]:
+                     stage2: Sequence[str], target: Sequence[str] = (), normalization: Sequence[str] = ()) -> list[str]:
     """The overrides of a stage-2 job: ``method=crt`` on ``stage1_checkpoint`` with the classifier manner's
-    sampler and class weighting (:data:`CLASSIFIER_MANNERS`)."""
+    sampler and class weighting (:data:`CLASSIFIER_MANNERS`). ``normalization`` (a transfer target's
+    normalisation of the stage-1 run, :func:`stage1_normalization`) comes after ``common`` and before
+    ``stage2`` and ``target``."""
     sampler, weighting = CLASSIFIER_MANNERS[classifier]
-    return merge_overrides(common, stage2, target, [
+    return merge_overrides(common, normalization, stage2, target, [
         "method=crt", f"method.stage1_checkpoint={quote_value(stage1_checkpoint)}",
         f"method.sampler={sampler}", f"method.class_weighting={weighting}",
     ])
+
+
+#: The data options that set the input normalisation (``data.normalization`` names a set of statistics).
+NORMALIZATION_KEYS = ("data.mean", "data.std", "data.normalization")
+
+
+def _float_list(value: Any) -> list[float] | None:
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in value):
+        return [float(v) for v in value]
+    return None
+
+
+def _named_normalization(name: Any) -> tuple[list[float], list[float]] | None:
+    try:
+        return normalization_stats(str(name))
+    except LtlibError:
+        return None
+
+
+def run_normalization(results: Mapping[str, Any]) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` a finished run normalised its inputs with: the values its data module recorded
+    (``results.json``'s ``splits.normalization``), else its resolved ``data.mean`` / ``data.std``, else
+    the statistics its ``data.normalization`` names; None when none can be told."""
+    recorded = (results.get("splits") or {}).get("normalization") or {}
+    mean, std = _float_list(recorded.get("mean")), _float_list(recorded.get("std"))
+    if mean is not None and std is not None:
+        return mean, std
+    data = (results.get("config") or {}).get("data") or {}
+    mean, std = _float_list(data.get("mean")), _float_list(data.get("std"))
+    if mean is not None and std is not None:
+        return mean, std
+    if data.get("normalization"):
+        return _named_normalization(data["normalization"])
+    return None
+
+
+def stage1_normalization(stage1_results: Mapping[str, Any]) -> list[str]:
+    """Overrides giving a stage-2 job the input normalisation of the stage-1 run (``data.mean=[...]``,
+    ``data.std=[...]`` and ``++data.normalization=null``, so that the lists apply): a classifier re-trained on a frozen representation of other data (a transfer
+    target, BBN figure 2 right) must see inputs normalised as the representation was trained. Empty
+    when the stage-1 run's normalisation cannot be told (:func:`run_normalization`)."""
+    stats = run_normalization(stage1_results)
+    if stats is None:
+        return []
+    overrides = [f"data.{key}=[{','.join(repr(v) for v in values)}]" for key, values in zip(("mean", "std"), stats,
+                                                                                          strict=True)]
+    return [*overrides, "++data.normalization=null"]
+
+
+def _user_normalization(stage2: Sequence[str], target_overrides: Sequence[str]) -> str | None:
+    """Which of the user's options set a target's normalisation (``--transfer data.std=[...]``), else None."""
+    for flag, overrides in (("--transfer", target_overrides), ("--stage2", stage2)):
+        given = [override_key(o) for o in overrides if override_key(o) in NORMALIZATION_KEYS]
+        if given:
+            return f"{flag} override ({', '.join(given)})"
+    return None
+
+
+def _normalization_choice(target: str, stage1_results: Mapping[str, Any], normalization: Sequence[str],
+                          stage2: Sequence[str], target_overrides: Sequence[str]) -> str:
+    """Where the stage-2 jobs of a target take their input normalisation from, in words."""
+    if target == "same":
+        return "stage 1's (same data)"
+    user = _user_normalization(stage2, target_overrides)
+    if user is not None:
+        return user
+    if normalization:
+        return f"stage 1's ({_data_label(stage1_results)})"
+    return "the target data's own (the stage-1 run's normalisation is not recorded)"
 
 
 def _data_label(results: Mapping[str, Any]) -> str:
@@ -385,11 +465,12 @@ def _data_label(results: Mapping[str, Any]) -> str:
 
 
 def _cell(job: StudyJob, stage1: StudyJob, results: Mapping[str, Any], stage1_results: Mapping[str, Any],
-          split: str, metric: str) -> GridCell:
+          split: str, metric: str, normalization: str = "") -> GridCell:
     metrics = (results.get("metrics") or {}).get(split)
     if not metrics or metrics.get(metric) is None:
         raise LtlibError(f"the run in {job.run_dir} has no {split} {metric}; choose --split/--metric it has")
     value = float(metrics[metric])
+    used = run_normalization(results) or (None, None)
     return GridCell(
         target=str(job.target), representation=job.representation, classifier=str(job.classifier),
         error=100.0 * (1.0 - value), value=value, metric=metric, split=split,
@@ -397,6 +478,9 @@ def _cell(job: StudyJob, stage1: StudyJob, results: Mapping[str, Any], stage1_re
         stage1_run=stage1.run_dir, stage2_run=job.run_dir,
         stage1_checkpoint=str((results.get("config") or {}).get("method", {}).get("stage1_checkpoint")),
         many_acc=metrics.get("many_acc"), medium_acc=metrics.get("medium_acc"), few_acc=metrics.get("few_acc"),
+        normalization=normalization,
+        data_mean=None if used[0] is None else json.dumps(used[0]),
+        data_std=None if used[1] is None else json.dumps(used[1]),
     )
 
 
@@ -464,11 +548,17 @@ def decoupled_study(common: Sequence[str] = (), *, output_dir: str | os.PathLike
         for representation in representations:
             first = jobs_stage1[representation]
             checkpoint = selected_checkpoint(first.run_dir, results[first.run_dir])
+            # a transfer target's data would otherwise be normalised with its own data config's mean / std,
+            # not with those the frozen representation was trained with
+            normalization = [] if target == "same" or _user_normalization(stage2, target_overrides) else \
+                stage1_normalization(results[first.run_dir])
+            choice = _normalization_choice(target, results[first.run_dir], normalization, stage2, target_overrides)
             for classifier in classifiers:
                 job = StudyJob("stage2", representation, classifier, target,
                                str(out / "stage2" / target / f"repr-{representation}_clf-{classifier}"),
-                               stage2_overrides(classifier, checkpoint, common, stage2, target_overrides))
-                cells.append(_cell(job, first, run(job), results[first.run_dir], split, metric))
+                               stage2_overrides(classifier, checkpoint, common, stage2, target_overrides,
+                                                normalization=normalization))
+                cells.append(_cell(job, first, run(job), results[first.run_dir], split, metric, choice))
     files = write_grid(cells, out)
     _write_manifest(out, command, common, stage1, stage2, targets, jobs, cells, runner)
     return DecoupledStudy(out, jobs, cells, [*files, out / MANIFEST])
@@ -495,7 +585,7 @@ def _write_manifest(out: Path, command: str | None, common: Sequence[str], stage
 def decoupled_grid(cells: Sequence[GridCell | Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Arrange cells per target: ``{target: {"representations": [...], "classifiers": [...],
     "error": [[...]] (rows: classifiers, columns: representations, NaN where missing),
-    "representation_data": ..., "classifier_data": ...}}``."""
+    "representation_data": ..., "classifier_data": ..., "normalization": [(choice, mean, std), ...]}}``."""
     grids: dict[str, dict[str, Any]] = {}
     for cell in cells:
         c = asdict(cell) if isinstance(cell, GridCell) else dict(cell)
@@ -508,6 +598,9 @@ def decoupled_grid(cells: Sequence[GridCell | Mapping[str, Any]]) -> dict[str, d
         if c["classifier"] not in grid["classifiers"]:
             grid["classifiers"].append(c["classifier"])
         grid["values"][(c["classifier"], c["representation"])] = float(c["error"])
+        normalization = (c.get("normalization") or "", c.get("data_mean"), c.get("data_std"))
+        if any(normalization) and normalization not in grid.setdefault("normalization", []):
+            grid["normalization"].append(normalization)
     for grid in grids.values():
         values = grid.pop("values")
         grid["error"] = [[values.get((clf, rep), math.nan) for rep in grid["representations"]]
@@ -533,6 +626,10 @@ def grid_markdown(cells: Sequence[GridCell]) -> str:
         for clf, row in zip(grid["classifiers"], grid["error"], strict=True):
             parts.append(f"| **{clf.upper()}** | " + " | ".join("–" if math.isnan(v) else f"{v:.2f}" for v in row) + " |")
         parts.append("")
+        for choice, mean, std in grid.get("normalization", []):
+            parts.append(f"Stage-2 input normalisation: {choice or 'not recorded'}: data.mean {mean or '–'}, "
+                         f"data.std {std or '–'}.")
+            parts.append("")
     return "\n".join(parts)
 
 

@@ -316,7 +316,8 @@ def test_lightning_sets_the_epoch_of_the_device_loader(array_source):
     assert type(trainer.train_dataloader).__name__ == "DeviceLoader"
     targets = torch.as_tensor(dm.train_targets)
     for epoch in range(3):
-        expected = [create_sampler(kind, dm.train_targets, dm.seed) for kind in ("uniform", "reversed")]
+        expected = [create_sampler(kind, dm.train_targets, dm.seed, stream=name)  # each stream its own seed
+                    for name, kind in Recorder.train_streams.items()]
         for s in expected:
             s.set_epoch(epoch)
         u, r = (draw_indices(s, epoch, targets).tolist() for s in expected)
@@ -368,8 +369,8 @@ def test_ddp_sharding_with_two_gloo_processes(tmp_path):
     assert len(set(uniform[0]) & set(uniform[1])) == WORLD * shard - 61  # only the wrap-around padding
     targets = ddp_dm().train_targets
     for rank, result in enumerate(ranks):  # exactly what the CPU samplers of that rank draw
-        for column, kind in enumerate(("uniform", "reversed")):
-            sampler = create_sampler(kind, targets, 5, rank, WORLD)
+        for column, (name, kind) in enumerate((("u", "uniform"), ("r", "reversed"))):
+            sampler = create_sampler(kind, targets, 5, rank, WORLD, stream=name)
             sampler.set_epoch(1)
             assert [p[column] for p in result["pairs"]] == list(sampler), (rank, kind)
         assert result["labels"] == targets[uniform[rank]].tolist()

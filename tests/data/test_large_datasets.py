@@ -27,38 +27,49 @@ def _jpeg(path: Path, seed: int) -> None:
     Image.fromarray(pixels).save(path, format="JPEG")
 
 
-def imagenet_lt_tree(root: Path, train_counts=(5, 3, 1), test_per_class: int = 2) -> Path:
-    """ImageNet-LT layout: train/<wnid>/<wnid>_<n>.JPEG, val/<wnid>/ILSVRC2012_val_<n>.JPEG and the two
-    official lists ("relative/path label" per line) under root."""
+def imagenet_lt_tree(root: Path, train_counts=(5, 3, 1), test_per_class: int = 2, val_per_class: int = 2) -> Path:
+    """ImageNet-LT layout: train/<wnid>/<wnid>_<n>.JPEG, val/<wnid>/ILSVRC2012_val_<n>.JPEG and the three
+    official lists ("relative/path label" per line) under root; the validation list's images are other
+    images of the ImageNet training folders."""
     wnids = [f"n0{1440764 + k}" for k in range(len(train_counts))]
-    train_lines, test_lines = [], []
+    train_lines, val_lines, test_lines = [], [], []
     for label, (wnid, count) in enumerate(zip(wnids, train_counts, strict=True)):
         for i in range(count):
             rel = f"train/{wnid}/{wnid}_{i}.JPEG"
             _jpeg(root / rel, seed=100 * label + i)
             train_lines.append(f"{rel} {label}")
+        for i in range(val_per_class):
+            rel = f"train/{wnid}/{wnid}_{1000 + i}.JPEG"
+            _jpeg(root / rel, seed=5_000 + 100 * label + i)
+            val_lines.append(f"{rel} {label}")
         for i in range(test_per_class):
             rel = f"val/{wnid}/ILSVRC2012_val_{label * test_per_class + i:08d}.JPEG"
             _jpeg(root / rel, seed=10_000 + 100 * label + i)
             test_lines.append(f"{rel} {label}")
     (root / "ImageNet_LT_train.txt").write_text("\n".join(train_lines) + "\n")
+    (root / "ImageNet_LT_val.txt").write_text("\n".join(val_lines) + "\n")
     (root / "ImageNet_LT_test.txt").write_text("\n".join(test_lines) + "\n")
     return root
 
 
 def places_lt_tree(root: Path) -> Path:
-    """Places-LT layout: data_256/<letter>/<scene>/<n>.jpg, val_256/Places365_val_<n>.jpg, the two lists."""
+    """Places-LT layout: data_256/<letter>/<scene>/<n>.jpg, val_256/Places365_val_<n>.jpg, the three lists
+    (one validation image per class, from data_256)."""
     scenes = ["a/airfield", "b/bakery/shop", "c/canyon"]
-    train_lines, test_lines = [], []
+    train_lines, val_lines, test_lines = [], [], []
     for label, (scene, count) in enumerate(zip(scenes, (4, 2, 1), strict=True)):
         for i in range(count):
             rel = f"data_256/{scene}/{i + 1:08d}.jpg"
             _jpeg(root / rel, seed=label * 10 + i)
             train_lines.append(f"{rel} {label}")
+        rel = f"data_256/{scene}/{900:08d}.jpg"
+        _jpeg(root / rel, seed=700 + label)
+        val_lines.append(f"{rel} {label}")
         rel = f"val_256/Places365_val_{label + 1:08d}.jpg"
         _jpeg(root / rel, seed=500 + label)
         test_lines.append(f"{rel} {label}")
     (root / "Places_LT_train.txt").write_text("\n".join(train_lines) + "\n")
+    (root / "Places_LT_val.txt").write_text("\n".join(val_lines) + "\n")
     (root / "Places_LT_test.txt").write_text("\n".join(test_lines) + "\n")
     return root
 
@@ -99,7 +110,9 @@ def test_imagenet_lt_config_reads_the_official_lists(tmp_path):
     module = datamodule("data=imagenet_lt", f"data.root={root}")
     info = module.split_info
     assert module.class_counts == [5, 3, 1] and module.num_classes == 3
-    assert (info["train"]["size"], info["val"]["size"], info["test"]["size"]) == (9, 0, 6)
+    assert (info["train"]["size"], info["val"]["size"], info["test"]["size"]) == (9, 6, 6)
+    assert info["val"]["class_counts"] == [2, 2, 2] and str(root / "ImageNet_LT_val.txt") in info["val"]["source"]
+    assert module.val_dataset.pool.paths[0] == os.path.join(str(root), "train/n01440764/n01440764_1000.JPEG")
     assert module.train_dataset.pool.paths[0] == os.path.join(str(root), "train/n01440764/n01440764_0.JPEG")
     images, targets = next(iter(module.train_dataloader()))
     assert tuple(images.shape[1:]) == (3, 16, 16) and targets.dtype.is_floating_point is False
@@ -109,7 +122,7 @@ def test_places_lt_config_reads_the_official_lists(tmp_path):
     root = places_lt_tree(tmp_path / "places")
     module = datamodule("data=places_lt", f"data.root={root}")
     assert module.class_counts == [4, 2, 1]
-    assert module.split_info["test"]["size"] == 3
+    assert module.split_info["test"]["size"] == 3 and module.split_info["val"]["class_counts"] == [1, 1, 1]
     assert module.test_dataset.pool.paths[1].endswith("val_256/Places365_val_00000002.jpg")
 
 
@@ -229,7 +242,7 @@ def test_check_reports_missing_unreadable_and_truncated_files(tmp_path):
 def test_check_command_exit_status_and_one_line_errors(tmp_path, capsys):
     root = imagenet_lt_tree(tmp_path / "imagenet")
     assert check_main(["data=imagenet_lt", f"data.root={root}", "--workers=2"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("ltlib.check: all 15 image files can be read")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("ltlib.check: all 21 image files can be read")
 
     lines = (root / "ImageNet_LT_train.txt").read_text().splitlines()
     lines[2] = "train/n01440764/n01440764_2.JPEG three"
@@ -253,4 +266,4 @@ def test_check_command_exits_1_on_bad_files(tmp_path, capsys):
     assert out[0] == f"ltlib.check: data places_lt, root {root}"
     assert out[3].split() == ["test", "3", "images", "1", "missing,", "0", "unreadable"]
     assert "val_256/Places365_val_00000002.jpg (test): no such file" in out[4]
-    assert out[-1].startswith("ltlib.check: 1 of 10 image files cannot be used (1 missing, 0 unreadable)")
+    assert out[-1].startswith("ltlib.check: 1 of 13 image files cannot be used (1 missing, 0 unreadable)")

@@ -19,6 +19,7 @@ from ltlib.data import (
     create_sampler,
     list_samplers,
 )
+from ltlib.data.samplers import mix_seed, stream_id
 from ltlib.errors import LtlibError
 
 COUNTS = np.array([1000, 300, 100, 30, 10])
@@ -106,7 +107,8 @@ def test_uniform_shards_are_disjoint_and_cover(n: int, world_size: int) -> None:
         sampler.set_epoch(4)
         shards.append(list(sampler))
         assert len(shards[-1]) == len(sampler) == math.ceil(n / world_size)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(2 + 4)).tolist()  # seed + epoch
+    seed = mix_seed(2, stream_id("main"), 4)  # (seed, stream, epoch): no rank, one permutation for all
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     padded = (perm * world_size)[:math.ceil(n / world_size) * world_size]
     assert shards == [padded[rank::world_size] for rank in range(world_size)]
     flat = [i for shard in shards for i in shard]

@@ -29,11 +29,16 @@ def test_cifar_pipelines() -> None:
 
 
 def test_imagenet_pipelines() -> None:
+    # BBN's iNaturalist and FBL's pipelines: no colour jitter (FBL's line is commented out)
     train = build_transforms("imagenet", True, MEAN, STD, image_size=112)
-    assert kinds_of(train)[:3] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ColorJitter]
+    assert kinds_of(train) == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     assert train.transforms[0].size == (112, 112)
-    jitter = train.transforms[2]
+    jittered = build_transforms("imagenet_color_jitter", True, MEAN, STD, image_size=112)
+    assert kinds_of(jittered)[:3] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ColorJitter]
+    jitter = jittered.transforms[2]
     assert jitter.brightness == jitter.contrast == jitter.saturation == (0.6, 1.4) and jitter.hue is None
+    assert kinds_of(build_transforms("imagenet_color_jitter", False, MEAN, STD)) == kinds_of(
+        build_transforms("imagenet", False, MEAN, STD))
     test = build_transforms("imagenet", False, MEAN, STD)
     assert test.transforms[0].size == 256 and test.transforms[1].size == (224, 224)
     image = Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8))
@@ -52,7 +57,7 @@ def test_digits_and_none_pipelines() -> None:
 
 
 def test_bad_transform_options() -> None:
-    with pytest.raises(LtlibError, match="unknown augmentation 'randaugment'; available: cifar, digits, imagenet, none"):
+    with pytest.raises(LtlibError, match="unknown augmentation 'randaugment'; available: cifar, digits, imagenet, imagenet_color_jitter, none"):
         build_transforms("randaugment", True, MEAN, STD)
     with pytest.raises(LtlibError, match="one value per channel"):
         build_transforms("cifar", True, MEAN, (0.2,))

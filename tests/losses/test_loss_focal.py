@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.losses.reference import np_reduce, np_softmax_row
+from tests.losses.reference import (
+    np_class_balanced_weights,
+    np_cui_sigmoid_focal,
+    np_ldam_code_focal,
+    np_reduce,
+    np_softmax_row,
+)
 
 from ltlib.errors import LtlibError
-from ltlib.losses import CBFocalLoss, FocalLoss, class_balanced_weights
+from ltlib.losses import CBFocalLoss, FocalLoss, LDAMCodeFocalLoss, class_balanced_weights
 
 COUNTS = [400, 120, 40, 9, 1]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -129,6 +135,59 @@ def test_cb_focal_sigmoid_matches_cui(gamma: float, reduction: str) -> None:
         # Cui et al.'s code: sum of weighted terms divided by the number of positives (the batch size)
         cui = sum(w[t] * v for t, v in zip(targets.numpy(), per_sample, strict=True)) / len(targets)
         np.testing.assert_allclose(got.mean().item(), cui, rtol=1e-6)
+
+
+# CIFAR-10-LT, imbalance ratio 100 (n_c = 5000 * 0.01^(c / 9)), and a batch of 128 drawn from it, as the
+# official codes train: most samples from the head classes, whose class-balanced weights are small.
+CIFAR10_LT_100 = [int(5000 * 0.01 ** (c / 9)) for c in range(10)]
+
+
+def _long_tailed_batch(batch: int = 128, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    prior = torch.tensor(CIFAR10_LT_100, dtype=torch.float64)
+    targets = torch.multinomial(prior / prior.sum(), batch, replacement=True, generator=g)
+    return torch.randn(batch, 10, generator=g, dtype=torch.float64) * 3, targets
+
+
+def test_ldam_code_focal_on_a_batch_of_128_is_ldam_drws_cb_focal() -> None:
+    """LDAM-DRW's ``--loss_type Focal --train_rule Reweight``: CB weights (beta 0.9999, sum C), factor from
+    the weighted CE, plain batch mean. The weighted mean differs from it by exactly sum_i w_{y_i} / B."""
+    logits, targets = _long_tailed_batch()
+    w = np_class_balanced_weights(CIFAR10_LT_100, 0.9999)
+    np.testing.assert_allclose(class_balanced_weights(CIFAR10_LT_100, 0.9999).numpy(), w, rtol=1e-6)
+    weight = torch.tensor(w)
+    want = np_ldam_code_focal(logits.numpy(), targets.numpy(), 1.0, w)
+    got = LDAMCodeFocalLoss(1.0, weight=weight, reduction="none")(logits, targets).mean()
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    factor = w[targets.numpy()].sum() / len(targets)
+    assert factor < 0.5  # a long-tailed batch: the weighted mean is more than twice the batch mean
+    weighted_mean = LDAMCodeFocalLoss(1.0, weight=weight)(logits, targets)
+    assert weighted_mean.item() == pytest.approx(want / factor, rel=1e-6)
+    # ltlib's former cb_focal (Lin et al.'s factor, weighted mean) is neither.
+    former = FocalLoss(1.0, weight=weight)(logits, targets).item()
+    assert former != pytest.approx(want, rel=0.05) and former != pytest.approx(want / factor, rel=1e-3)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_cb_focal_sigmoid_on_a_batch_of_128_is_cuis_tensorflow_loss(gamma: float) -> None:
+    logits, targets = _long_tailed_batch()
+    w = np_class_balanced_weights(CIFAR10_LT_100, 0.9999)
+    want = np_cui_sigmoid_focal(logits.numpy(), targets.numpy(), gamma, w)
+    loss_fn = CBFocalLoss(CIFAR10_LT_100, beta=0.9999, gamma=gamma, loss_type="sigmoid", reduction="none")
+    assert loss_fn(logits, targets).mean().item() == pytest.approx(want, rel=1e-6)
+
+
+def test_ldam_code_focal_without_weights_is_lin_and_gamma_below_one_has_finite_gradient() -> None:
+    logits, targets = _batch(5)
+    for gamma in (0.0, 1.0, 2.0):
+        torch.testing.assert_close(LDAMCodeFocalLoss(gamma)(logits, targets), FocalLoss(gamma)(logits, targets))
+        assert LDAMCodeFocalLoss(gamma)(logits, targets).item() == pytest.approx(
+            np_ldam_code_focal(logits.numpy(), targets.numpy(), gamma), rel=1e-9)
+    z = torch.tensor([[300.0, -300.0, 0.0], [0.3, 0.1, -0.2]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)  # a zero weight gives w_y CE = 0 exactly
+    loss = LDAMCodeFocalLoss(0.5, weight=weight, reduction="sum")(z, torch.tensor([0, 2]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
 
 
 def test_cb_weights_favour_the_tail() -> None:

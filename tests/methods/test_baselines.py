@@ -15,6 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from tests.conftest import REPO, digits_datamodule, run_cli
+from tests.losses.reference import np_cui_sigmoid_focal, np_ldam_code_focal
 
 from ltlib.backbones.cifar_resnet import CifarResNet
 from ltlib.data import ClassBalancedSampler, LongTailDataModule, UniformSampler
@@ -70,12 +71,6 @@ def np_ldam(z, y, counts, weight=None, max_margin=0.5, scale=30.0):
 def np_softmax_focal(z, y, gamma, weight=None, reduction="weighted_mean"):
     logp = np_log_softmax(z)[np.arange(len(y)), y]
     return np_reduce(-((1 - np.exp(logp)) ** gamma) * logp, y, weight, reduction)
-
-
-def np_ldam_code_focal(z, y, gamma, weight):
-    """LDAM-DRW's code: p = exp(-w_y CE), (1 - p)^gamma w_y CE, averaged over the batch."""
-    wce = -np_log_softmax(z)[np.arange(len(y)), y] * np.asarray(weight)[y]
-    return ((1 - np.exp(-wce)) ** gamma * wce).mean()
 
 
 def np_sigmoid_focal(z, y, gamma, weight):
@@ -259,7 +254,7 @@ def test_bad_arguments_are_one_line_errors(kwargs, expected) -> None:
 
 
 # ----------------------------------------------------------------------------- the CLI
-BASELINES = ["ce_drw", "ldam_drw", "ldam", "ce_drs", "focal", "cb_focal", "cb_focal_sigmoid", "la", "ce_posthoc_la",
+BASELINES = ["ce_drw", "ldam_drw", "ldam", "ce_drs", "focal", "cb_focal", "la", "ce_posthoc_la",
              "mixup", "manifold_mixup", "manifold_mixup_two_samplers"]
 
 
@@ -301,9 +296,10 @@ def compose_preset(*overrides: str):
 
 
 @pytest.mark.parametrize("method,milestones,per_step", [
-    ("ce", [120, 160], True), ("mixup", [120, 160], True), ("manifold_mixup_two_samplers", [120, 160], True),
+    ("mixup", [120, 160], True), ("manifold_mixup_two_samplers", [120, 160], True),
     ("ce_drw", [160, 180], False), ("ce_drs", [160, 180], False), ("ldam_drw", [160, 180], False),
-    ("cb_focal_sigmoid", [160, 180], True),
+    # BBN prints Cui et al.'s table 2 numbers for these rows: Cui et al.'s recipe.
+    ("ce", [160, 180], True), ("focal", [160, 180], True), ("cb_focal", [160, 180], True),
 ])
 def test_table1_preset_gives_each_row_its_papers_recipe(method, milestones, per_step) -> None:
     from omegaconf import OmegaConf
@@ -324,6 +320,99 @@ def test_table1_preset_sweeps_every_row_dataset_and_ratio() -> None:
     params = cfg.hydra.sweeper.params
     methods = params.method.split(",")
     assert len(methods) == 9 and all((REPO / "conf" / "method" / f"{m}.yaml").is_file() for m in methods)
+    assert "cb_focal" in methods  # the name ltlib.published gives BBN's "CB-Focal [5]" row
     assert params.data.split(",") == ["cifar10_lt", "cifar100_lt"]
     assert [float(r) for r in str(params["data.imbalance_ratio"]).split(",")] == [100, 50, 10]
     assert cfg.data.name == "cifar10_lt" and cfg.data.imbalance_ratio == 100
+
+
+# ----------------------------------------------------------------------------- CB focal: form per table
+def compose_method(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def np_cui_focal_of(z, y, gamma, weight):
+    return np_cui_sigmoid_focal(z, y, gamma, np.ones(z.shape[1]) if weight is None else weight)
+
+
+BATCH_128 = (torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(5)),
+             torch.multinomial(torch.tensor(COUNTS, dtype=torch.float64), 128, replacement=True,
+                               generator=torch.Generator().manual_seed(6)))
+
+
+def composed_method(*overrides: str) -> BaselineClassifier:
+    from hydra.utils import instantiate
+
+    cfg = compose_method(*overrides)
+    torch.manual_seed(0)
+    return instantiate(cfg.method)(backbone=tiny_backbone(), num_classes=C, class_counts=COUNTS)
+
+
+@pytest.mark.parametrize("overrides,reference", [
+    # The default: Cui et al.'s code (sigmoid, CB weights from epoch 0, sum over classes / B).
+    ((), lambda z, y: np_cui_focal_of(z, y, 1.0, np_cb_weights(COUNTS, 0.9999))),
+    # LDAM-DRW's code: --loss_type Focal --train_rule Reweight.
+    (("method.focal_form=ldam_code", "method.reduction=batch_mean"),
+     lambda z, y: np_ldam_code_focal(z, y, 1.0, np_cb_weights(COUNTS, 0.9999))),
+])
+def test_cb_focal_trains_the_official_codes_loss_on_a_batch_of_128(overrides, reference) -> None:
+    method = composed_method("method=cb_focal", *overrides)
+    value, logits = loss_of(method, *BATCH_128)
+    assert value == pytest.approx(reference(logits, BATCH_128[1].numpy()), rel=1e-5)
+
+
+def test_cb_focal_weighted_mean_differs_from_ldam_drws_batch_mean_by_the_weight_sum() -> None:
+    y = BATCH_128[1].numpy()
+    w = np_cb_weights(COUNTS, 0.9999)
+    value, logits = loss_of(composed_method("method=cb_focal", "method.focal_form=ldam_code",
+                                            "method.reduction=weighted_mean"), *BATCH_128)
+    factor = w[y].sum() / len(y)
+    assert factor < 0.6
+    assert value == pytest.approx(np_ldam_code_focal(logits, y, 1.0, w) / factor, rel=1e-5)
+    former, logits = loss_of(composed_method("method=cb_focal", "method.focal_form=softmax",
+                                             "method.reduction=weighted_mean"), *BATCH_128)
+    assert former != pytest.approx(np_ldam_code_focal(logits, y, 1.0, w), rel=0.05)
+
+
+def test_focal_default_is_cuis_unweighted_sigmoid_focal_and_softmax_is_ldam_drws() -> None:
+    y = BATCH_128[1].numpy()
+    value, logits = loss_of(composed_method("method=focal"), *BATCH_128)
+    assert value == pytest.approx(np_cui_focal_of(logits, y, 1.0, None), rel=1e-5)
+    value, logits = loss_of(composed_method("method=focal", "method.focal_form=softmax"), *BATCH_128)
+    assert value == pytest.approx(np_softmax_focal(logits, y, 1.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["focal", "cb_focal"])
+def test_sigmoid_methods_start_at_the_prior_without_bias_decay(method) -> None:
+    model = composed_method(f"method={method}")
+    assert torch.allclose(model.classifier.bias, torch.full((C,), -math.log(C - 1)))
+    assert model.parameter_groups()[1] == {"params": [model.classifier.bias], "weight_decay": 0.0}
+
+
+CUI_FORM = {"focal_form": "sigmoid", "reduction": "batch_mean", "loss": "focal", "gamma": 1.0}
+
+
+@pytest.mark.parametrize("preset,method,expected", [
+    # BBN table 1 "CB-Focal [5]" and "Focal [17]": Cui et al.'s table 2, sigmoid form.
+    ("bbn_table1_baselines", "cb_focal", {**CUI_FORM, "class_weighting": "class_balanced", "beta": 0.9999,
+                                          "reweight_from_epoch": 0}),
+    ("bbn_table1_baselines", "focal", {**CUI_FORM, "class_weighting": "none"}),
+    # Two-head table 1 "CB+Focal": also Cui et al.'s table 2 (the preset leaves it to the BBN preset's recipe).
+    ("two_head_table1_cifar10", "cb_focal", {**CUI_FORM, "class_weighting": "class_balanced"}),
+    ("two_head_table1_cifar100", "cb_focal", {**CUI_FORM, "class_weighting": "class_balanced"}),
+])
+def test_each_preset_runs_the_cb_focal_form_that_produced_its_numbers(preset, method, expected) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = compose_preset(f"method={method}") if preset == "bbn_table1_baselines" else \
+        compose_method(f"experiment={preset}", f"method={method}")
+    got = OmegaConf.to_container(cfg.method, resolve=True)
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_the_two_head_presets_leave_cb_focal_to_cuis_recipe() -> None:
+    for preset in ("two_head_table1_cifar10", "two_head_table1_cifar100"):
+        assert "cb_focal" not in compose_method(f"experiment={preset}").hydra.sweeper.params.method.split(",")

@@ -1,6 +1,7 @@
 """LongTailDataModule: canonical long-tailed training subset, balanced validation split, test set.
 
-Splits (all indices refer to the source's pools):
+Splits (all indices refer to the source's pools; validation indices to the source's validation pool when
+it has one, else to its training pool):
 
 * train: with ``imbalance_ratio`` set, the canonical long-tailed subset of the training pool
   (:func:`ltlib.data.long_tail.long_tail_split`: ``long_tail_counts(max_count, C, ratio, profile)``
@@ -8,6 +9,10 @@ Splits (all indices refer to the source's pools):
   training pool (data that is long-tailed already, such as ImageNet-LT).
 * val (balanced, for checkpoint selection; never the test set):
 
+  - a source returning ``(train_pool, test_pool, val_pool)`` (a file list with ``val_list``, e.g.
+    ImageNet-LT's ``ImageNet_LT_val.txt``): the whole validation pool, and no training image is held
+    out (``val_per_class`` null, ``val_fraction`` null or 0; ``val_per_class=0`` gives no validation
+    split). The rest below is for sources returning ``(train_pool, test_pool)``.
   - ``val_per_class=k``: ``k`` images of each class drawn (``np.random.RandomState(seed)``, classes in
     label order) from the images the subsampling left out. A class with fewer left-out images than
     ``k`` (CIFAR-10-LT's largest class keeps all its 5,000 images and leaves none out) follows
@@ -16,8 +21,8 @@ Splits (all indices refer to the source's pools):
     ``"holdout"`` moves the shortfall out of that class's training images (the last ones in the
     shuffled selection order), so every class gets ``k`` at the cost of a non-canonical training set.
   - ``val_per_class=None`` (auto): 50 per class as above when the training pool was subsampled;
-    otherwise (nothing left out) ``val_fraction`` of each class's training images, at least one when
-    the class has two or more, held out at random (seeded by ``seed``).
+    otherwise (nothing left out) ``val_fraction`` (null: 0.1) of each class's training images, at least
+    one when the class has two or more, held out at random (seeded by ``seed``).
   - ``val_per_class=0``: no validation split.
 * test: the whole test pool, for the single final evaluation.
 
@@ -44,11 +49,12 @@ from ltlib.data.device_loader import check_loader, maybe_device_loader
 from ltlib.data.long_tail import PROFILES, indices_hash, long_tail_counts, long_tail_split
 from ltlib.data.pools import ImagePool
 from ltlib.data.samplers import EvalShardSampler, MultiStreamDataset, StreamSampler, create_sampler
-from ltlib.data.transforms import build_transforms
+from ltlib.data.transforms import build_transforms, normalization_stats
 from ltlib.errors import LtlibError, check_in_range, unknown_name
 
 VAL_SHORTFALLS = ("keep_train", "holdout")
 AUTO_VAL_PER_CLASS = 50
+AUTO_VAL_FRACTION = 0.1  # val_fraction=None without a validation pool
 
 
 class PoolDataset(Dataset):
@@ -87,6 +93,7 @@ class _Splits:
     val_indices: np.ndarray
     subset_hash: str
     info: dict[str, Any]
+    val_pool: ImagePool  # the pool val_indices index into: the source's validation pool, else train_pool
 
 
 def _per_class(targets: np.ndarray, num_classes: int) -> list[int]:
@@ -104,18 +111,20 @@ def _check_count(name: str, value: int | None, low: int, *, optional: bool = Fal
 class LongTailDataModule(L.LightningDataModule):
     """Long-tailed training subset, balanced validation split and test set of an image source.
 
-    ``source`` is a zero-argument callable returning ``(train_pool, test_pool)`` (Hydra passes a
-    ``_partial_`` of :func:`ltlib.data.cifar_pools` and friends). ``max_count`` (the largest class of
-    the long-tailed subset) defaults to the largest class of the training pool. After
+    ``source`` is a zero-argument callable returning ``(train_pool, test_pool)`` or
+    ``(train_pool, test_pool, val_pool)`` (Hydra passes a ``_partial_`` of :func:`ltlib.data.cifar_pools`
+    and friends). ``max_count`` (the largest class of the long-tailed subset) defaults to the largest
+    class of the training pool. After
     :meth:`setup` the module exposes ``class_counts``, ``class_names``, ``num_classes``, ``in_chans``,
-    ``train_indices``, ``val_indices``, ``subset_hash`` and ``split_info``.
+    ``train_indices``, ``val_pool``, ``val_indices``, ``subset_hash`` and ``split_info``.
     """
 
-    def __init__(self, source: Callable[[], tuple[ImagePool, ImagePool]], *, name: str = "custom",
+    def __init__(self, source: Callable[[], tuple[ImagePool, ...]], *, name: str = "custom",
                  imbalance_ratio: float | None = 100.0, max_count: int | None = None, profile: str = "exp",
                  subset_seed: int = 0, val_per_class: int | None = None, val_shortfall: str = "keep_train",
-                 val_fraction: float = 0.1, augmentation: str = "cifar", image_size: int | None = None,
-                 mean: Sequence[float] = (0.4914, 0.4822, 0.4465), std: Sequence[float] = (0.2023, 0.1994, 0.2010),
+                 val_fraction: float | None = None, augmentation: str = "cifar", image_size: int | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 normalization: str | None = None,
                  batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
                  pin_memory: bool = False, drop_last: bool = False, seed: int = 0,
                  root: str | None = None, loader: str = "cpu") -> None:
@@ -123,7 +132,7 @@ class LongTailDataModule(L.LightningDataModule):
         self.loader = check_loader(loader)
         if not callable(source):
             raise LtlibError(f"data source {source!r} is not callable; expected a function returning "
-                             "(train_pool, test_pool)")
+                             "(train_pool, test_pool) or (train_pool, test_pool, val_pool)")
         if imbalance_ratio is not None:
             check_in_range("imbalance_ratio", imbalance_ratio, 1.0)
         _check_count("max_count", max_count, 1, optional=True)
@@ -132,7 +141,8 @@ class LongTailDataModule(L.LightningDataModule):
         _check_count("val_per_class", val_per_class, 0, optional=True)
         if val_shortfall not in VAL_SHORTFALLS:
             raise unknown_name("val_shortfall", val_shortfall, VAL_SHORTFALLS)
-        check_in_range("val_fraction", val_fraction, 0.0, 1.0, high_inclusive=False)
+        if val_fraction is not None:
+            check_in_range("val_fraction", val_fraction, 0.0, 1.0, high_inclusive=False)
         _check_count("batch_size", batch_size, 1)
         _check_count("eval_batch_size", eval_batch_size, 1, optional=True)
         _check_count("num_workers", num_workers, 0)
@@ -148,7 +158,17 @@ class LongTailDataModule(L.LightningDataModule):
         self.subset_seed = int(subset_seed)
         self.val_per_class = val_per_class
         self.val_shortfall = val_shortfall
-        self.val_fraction = float(val_fraction)
+        self.val_fraction = None if val_fraction is None else float(val_fraction)
+        # Either a named normalisation (ltlib.data.transforms.NORMALIZATIONS) or mean and std; neither
+        # means CIFAR-10's statistics.
+        if normalization is not None and (mean is not None or std is not None):
+            raise LtlibError(f"data.normalization={normalization!r} and data.mean/data.std are both set; give "
+                             "one: data.normalization=null with mean/std lists, or mean=null std=null")
+        if (mean is None) != (std is None):
+            raise LtlibError(f"data.mean={mean!r} and data.std={std!r}: give both lists or neither")
+        self.normalization = normalization if normalization is not None or mean is not None else "cifar10"
+        if mean is None:
+            mean, std = normalization_stats(self.normalization)
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.train_transform = build_transforms(augmentation, True, self.mean, self.std, image_size)
         self.eval_transform = build_transforms(augmentation, False, self.mean, self.std, image_size)
@@ -159,7 +179,7 @@ class LongTailDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.seed = int(seed)
         self.train_streams: dict[str, str] = {"main": "uniform"}
-        self._pools: tuple[ImagePool, ImagePool] | None = None
+        self._pools: tuple[ImagePool, ImagePool, ImagePool | None] | None = None
         self._splits: _Splits | None = None
 
     # ------------------------------------------------------------------------------------------------
@@ -205,8 +225,14 @@ class LongTailDataModule(L.LightningDataModule):
         return self._require().train_indices.copy()
 
     @property
+    def val_pool(self) -> ImagePool:
+        """The pool :attr:`val_indices` index into: the source's validation pool when it has one (a
+        ``val_list``), else its training pool (validation images held out of it)."""
+        return self._require().val_pool
+
+    @property
     def val_indices(self) -> np.ndarray:
-        """Indices of the validation images into the source's training pool, class by class."""
+        """Indices of the validation images into :attr:`val_pool`, class by class."""
         return self._require().val_indices.copy()
 
     @property
@@ -238,7 +264,7 @@ class LongTailDataModule(L.LightningDataModule):
     @property
     def val_dataset(self) -> PoolDataset:
         splits = self._require()
-        return PoolDataset(splits.train_pool, splits.val_indices, self.eval_transform)
+        return PoolDataset(splits.val_pool, splits.val_indices, self.eval_transform)
 
     @property
     def test_dataset(self) -> PoolDataset:
@@ -253,7 +279,8 @@ class LongTailDataModule(L.LightningDataModule):
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         dataset.return_index = bool(getattr(module, "train_with_index", False))
         rank, world_size = self._rank_world()
-        samplers = {stream: create_sampler(sampler, dataset.targets, self.seed, rank, world_size)
+        samplers = {stream: create_sampler(sampler, dataset.targets, self.seed, rank, world_size,
+                                           stream=stream)  # every stream draws independently
                     for stream, sampler in streams.items()}
         device_loader = maybe_device_loader(self, dataset, samplers, self.batch_size, self.drop_last)
         if device_loader is not None:
@@ -304,21 +331,26 @@ class LongTailDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------------------
     # Split computation
 
-    def _load_pools(self) -> tuple[ImagePool, ImagePool]:
+    def _load_pools(self) -> tuple[ImagePool, ImagePool, ImagePool | None]:
+        """``(train_pool, test_pool, val_pool or None)`` from the source (built once)."""
         if self._pools is None:
             pools = self.source()
-            if not (isinstance(pools, tuple) and len(pools) == 2 and all(isinstance(p, ImagePool) for p in pools)):
+            valid = (isinstance(pools, tuple) and len(pools) in (2, 3)
+                     and all(isinstance(p, ImagePool) for p in pools[:2])
+                     and (len(pools) == 2 or pools[2] is None or isinstance(pools[2], ImagePool)))
+            if not valid:
                 raise LtlibError(f"data source {self.source!r} returned {type(pools).__name__}; expected "
-                                 "(train_pool, test_pool)")
-            self._pools = pools
+                                 "(train_pool, test_pool) or (train_pool, test_pool, val_pool)")
+            self._pools = (pools[0], pools[1], pools[2] if len(pools) == 3 else None)
         return self._pools
 
     def _make_splits(self) -> _Splits:
-        train_pool, test_pool = self._load_pools()
+        train_pool, test_pool, own_val_pool = self._load_pools()
         num_classes = train_pool.num_classes
-        if test_pool.num_classes != num_classes or test_pool.in_chans != train_pool.in_chans:
-            raise LtlibError(f"{test_pool.name} has {test_pool.num_classes} classes and {test_pool.in_chans} "
-                             f"channels but {train_pool.name} has {num_classes} and {train_pool.in_chans}")
+        for other in (test_pool, own_val_pool):
+            if other is not None and (other.num_classes != num_classes or other.in_chans != train_pool.in_chans):
+                raise LtlibError(f"{other.name} has {other.num_classes} classes and {other.in_chans} channels "
+                                 f"but {train_pool.name} has {num_classes} and {train_pool.in_chans}")
         if len(self.mean) != train_pool.in_chans:
             raise LtlibError(f"mean/std have {len(self.mean)} values but {train_pool.name} has "
                              f"{train_pool.in_chans} channel(s); give one mean and std per channel")
@@ -343,10 +375,23 @@ class LongTailDataModule(L.LightningDataModule):
         subset_hash = indices_hash(np.concatenate(kept))
 
         rng = np.random.RandomState(self.seed)
-        if self.val_per_class is None and not subsampled:
+        val_pool = train_pool
+        if own_val_pool is not None:
+            # The dataset's own validation list: no training image is held out.
+            self._check_own_val_pool(own_val_pool)
+            train_parts = kept
+            if self.val_per_class == 0:
+                val_parts = [np.empty(0, dtype=np.int64)]
+                val_source = "none"
+            else:
+                val_pool = own_val_pool
+                val_parts = [np.flatnonzero(own_val_pool.targets == c) for c in range(num_classes)]
+                val_source = f"all of {own_val_pool.name}"
+        elif self.val_per_class is None and not subsampled:
             train_parts, val_parts = self._hold_out_fraction(kept, rng)
-            val_source = (f"{self.val_fraction:g} of each class's training images held out at random "
-                          f"(seed {self.seed})" if self.val_fraction > 0 else "none")
+            fraction = self._val_fraction()
+            val_source = (f"{fraction:g} of each class's training images held out at random "
+                          f"(seed {self.seed})" if fraction > 0 else "none")
         else:
             per_class = AUTO_VAL_PER_CLASS if self.val_per_class is None else self.val_per_class
             train_parts, val_parts = self._draw_left_out(kept, left_out, per_class, rng, train_pool)
@@ -369,23 +414,38 @@ class LongTailDataModule(L.LightningDataModule):
             "train": {"size": int(train_indices.size), "class_counts": train_counts, "source": train_source,
                       "hash": indices_hash(train_indices)},
             "val": {"size": int(val_indices.size),
-                    "class_counts": _per_class(train_pool.targets[val_indices], num_classes),
+                    "class_counts": _per_class(val_pool.targets[val_indices], num_classes),
                     "source": val_source, "hash": indices_hash(val_indices)},
             "test": {"size": len(test_pool), "class_counts": test_pool.class_counts(), "source": test_pool.name,
                      "hash": indices_hash(np.arange(len(test_pool)))},
             "subset_hash": subset_hash,
+            "normalization": {"name": self.normalization, "mean": list(self.mean), "std": list(self.std)},
             "imbalance_ratio": max(train_counts) / min(train_counts),
         }
         info["summary"] = "; ".join(f"{s}: {info[s]['source']}" for s in ("train", "val", "test"))
-        return _Splits(train_pool, test_pool, train_indices, val_indices, subset_hash, info)
+        return _Splits(train_pool, test_pool, train_indices, val_indices, subset_hash, info, val_pool=val_pool)
+
+    def _val_fraction(self) -> float:
+        """``val_fraction``, with null meaning :data:`AUTO_VAL_FRACTION`."""
+        return AUTO_VAL_FRACTION if self.val_fraction is None else self.val_fraction
+
+    def _check_own_val_pool(self, val_pool: ImagePool) -> None:
+        """A validation pool of the source excludes holding validation images out of the training pool."""
+        asked = (f"val_per_class={self.val_per_class}" if self.val_per_class
+                 else f"val_fraction={self.val_fraction:g}" if self.val_fraction else None)
+        if asked is not None:
+            raise LtlibError(f"{asked} holds validation images out of the training pool, but the source has its own "
+                             f"validation split ({val_pool.name}); leave it null to validate on that list, or give no "
+                             "validation list (data.source.val_list=null)")
 
     def _hold_out_fraction(self, kept: list[np.ndarray], rng: np.random.RandomState
                            ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Hold out ``val_fraction`` of each class (at least 1 of a class with >= 2 images, never all)."""
         train_parts, val_parts = [], []
+        fraction = self._val_fraction()
         for idx in kept:
             n = idx.size
-            k = 0 if n < 2 or self.val_fraction == 0 else min(n - 1, max(1, int(self.val_fraction * n)))
+            k = 0 if n < 2 or fraction == 0 else min(n - 1, max(1, int(fraction * n)))
             is_val = np.zeros(n, dtype=bool)
             is_val[rng.permutation(n)[:k]] = True
             train_parts.append(idx[~is_val])

@@ -10,7 +10,8 @@ A deferred sampler is named by a *spec* ``"<before>><after>@<epoch>"``, e.g.
 :func:`ltlib.data.samplers.create_sampler`). The switch is driven by ``set_epoch``, which Lightning
 calls before every epoch, so it is deterministic and survives resuming from a checkpoint: epoch ``e``
 draws exactly what the ``before`` sampler draws at epoch ``e`` when ``e < epoch``, and what the
-``after`` sampler draws at epoch ``e`` otherwise (epochs count from 0, as in Lightning).
+``after`` sampler draws at epoch ``e`` otherwise (epochs count from 0, as in Lightning); both phases
+are seeded with the stream of the deferred sampler (see :func:`create_deferred_sampler`).
 """
 
 from __future__ import annotations
@@ -99,10 +100,20 @@ class DeferredSampler(Sampler[int]):
 
 
 def create_deferred_sampler(spec: str, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int,
-                            rank: int = 0, world_size: int = 1) -> DeferredSampler:
-    """Build the deferred sampler named by ``spec`` (``"<before>><after>@<epoch>"``), sharded for ``rank``."""
+                            rank: int = 0, world_size: int = 1, *,
+                            stream: str | int = "main") -> DeferredSampler:
+    """Build the deferred sampler named by ``spec`` (``"<before>><after>@<epoch>"``), sharded for ``rank``,
+    for the training stream ``stream``.
+
+    Both phases share the stream's identity on purpose: they never draw in the same epoch (the switch
+    picks one of them per epoch, and every epoch is seeded afresh), and sharing it keeps the promise of
+    the module doc that epoch ``e`` draws exactly what ``create_sampler(before or after, ...,
+    stream=stream)`` draws at epoch ``e``. (Even a ``uniform`` and a class-aware phase at rank 0 get
+    distinct seeds: :func:`~ltlib.data.samplers.mix_seed` is injective, ``(seed, stream, epoch)`` is
+    not ``(seed, stream, epoch, 0)``.)
+    """
     from ltlib.data.samplers import create_sampler
 
     before, after, epoch = parse_deferred_spec(spec)
-    return DeferredSampler(create_sampler(before, targets, seed, rank, world_size),
-                           create_sampler(after, targets, seed, rank, world_size), epoch)
+    return DeferredSampler(create_sampler(before, targets, seed, rank, world_size, stream=stream),
+                           create_sampler(after, targets, seed, rank, world_size, stream=stream), epoch)

@@ -7,9 +7,10 @@ far more than the network's forward and backward pass. :class:`DeviceLoader` rep
 * the images a split uses are uploaded once, as a ``uint8 [N, H + 2p, W + 2p, C]`` tensor already
   zero-padded for the random crop (``p`` its padding), and kept for the whole run;
 * sampler indices are drawn on the device, once per epoch, with the *same algorithm and seeds* as
-  the :mod:`ltlib.data.samplers` object they replace (uniform: ``randperm`` from ``seed + epoch``,
-  padded and sliced by rank; class-aware: class draws from ``P_c`` then a uniform image of the class,
-  from ``mix_seed(seed, epoch, rank)``; deferred ``"a>b@E"`` specs switch at epoch ``E``). On the CPU the
+  the :mod:`ltlib.data.samplers` object they replace (its ``epoch_seed``; uniform: ``randperm`` from
+  ``mix_seed(seed, stream, epoch)``, padded and sliced by rank; class-aware: class draws from ``P_c``
+  then a uniform image of the class, from ``mix_seed(seed, stream, epoch, rank)``; deferred ``"a>b@E"``
+  specs switch at epoch ``E``), so every stream keeps its own random stream. On the CPU the
   indices are therefore identical to the CPU path's; on a GPU they follow the same distribution
   (another generator), with the same DDP sharding and the same number of batches on every rank;
 * every batch is augmented with a handful of vectorised kernels: the random crop and horizontal flip
@@ -21,7 +22,10 @@ far more than the network's forward and backward pass. :class:`DeviceLoader` rep
   both paths cannot drift apart; pipelines with other steps (ImageNet's RandomResizedCrop and colour
   jitter) are not supported here and stay on the CPU path;
 * augmentation draws come from a generator seeded by ``(seed, epoch, rank)``: an epoch is
-  reproducible on its own (also after resuming), and the global RNG is never touched.
+  reproducible on its own (also after resuming), and the global RNG is never touched. The streams'
+  views are drawn one stream after the other from that generator, so no two streams (nor two images)
+  share a draw: their augmentations are independent, as on the CPU path where every item is fetched
+  and augmented on its own.
 
 Batches have exactly the structure of the CPU path: one stream ``[images, targets]`` (plus the
 dataset positions with ``train_with_index``), several streams ``{stream: [images, targets(, index)]}``,
@@ -62,7 +66,9 @@ from ltlib.errors import LtlibError, unknown_name
 LOADERS = ("cpu", "device", "auto")
 #: ``loader=auto`` decodes image files onto the device only when they take at most this many bytes.
 AUTO_MAX_BYTES = 4 * 2**30
-#: Distinguishes the augmentation generator's seed from the samplers' ``mix_seed(seed, epoch, rank)``.
+#: Distinguishes the augmentation generator's seed ``mix_seed(seed, epoch, rank, salt)`` from the other
+#: ``mix_seed`` users (the samplers' ``(seed, stream, epoch[, rank])``, EpochSeeding's
+#: ``(seed, epoch, rank, 0 or 1)``).
 _AUGMENT_SALT = 0x6C746C6962
 
 
@@ -222,7 +228,7 @@ def draw_indices(sampler: Sampler[int], epoch: int, targets: Tensor,
     if isinstance(sampler, UniformSampler):
         n, world = sampler.num_samples, sampler.world_size
         if sampler.shuffle:
-            perm = torch.randperm(n, generator=_generator(device, sampler.seed + epoch), device=device)
+            perm = torch.randperm(n, generator=_generator(device, sampler.epoch_seed(epoch)), device=device)
         else:
             perm = torch.arange(n, device=device)
         total = len(sampler) * world
@@ -231,7 +237,7 @@ def draw_indices(sampler: Sampler[int], epoch: int, targets: Tensor,
         return perm[sampler.rank::world]
     if isinstance(sampler, ClassAwareSampler):
         length = len(sampler)
-        gen = _generator(device, mix_seed(sampler.seed, epoch, sampler.rank))
+        gen = _generator(device, sampler.epoch_seed(epoch))
         probs = sampler.class_probs.to(device)
         counts, order, starts = grouped if grouped is not None else class_index(targets)
         classes = torch.multinomial(probs, length, replacement=True, generator=gen)

@@ -1,7 +1,10 @@
 """Image pools: indexable collections of raw images, and the sources that build them.
 
-A source returns ``(train_pool, test_pool)``. Pools stay cheap to index: CIFAR and the digits live
-in memory as uint8 arrays, folders and file lists as paths that are decoded on :meth:`ImagePool.load`.
+A source returns ``(train_pool, test_pool)``, or ``(train_pool, test_pool, val_pool)`` when the data
+come with their own validation split (:func:`file_list_pools` with a ``val_list``: ImageNet-LT's
+``ImageNet_LT_val.txt``, Places-LT's ``Places_LT_val.txt``). Pools stay cheap to index: CIFAR and the
+digits live in memory as uint8 arrays, folders and file lists as paths that are decoded on
+:meth:`ImagePool.load`.
 """
 
 from __future__ import annotations
@@ -244,17 +247,22 @@ def _read_list(list_path: Path) -> list[tuple[str, int, int]]:
     return entries
 
 
-def file_list_pools(root: str, train_list: str, test_list: str,
-                    class_names: Sequence[str] | None = None) -> tuple[FilePool, FilePool]:
+def file_list_pools(root: str, train_list: str, test_list: str, class_names: Sequence[str] | None = None,
+                    val_list: str | None = None) -> tuple[FilePool, FilePool] | tuple[FilePool, FilePool, FilePool]:
     """Pools from list files in the ImageNet-LT / Places-LT / iNaturalist format.
 
     Each line is ``relative/path.jpg label`` (path relative to ``root``, integer label); blank lines are
     skipped. A list file is looked up as given, then under ``root``. With ``C`` classes
-    (``len(class_names)``, or the largest label + 1 over both lists), labels must lie in ``0..C-1``
+    (``len(class_names)``, or the largest label + 1 over all lists), labels must lie in ``0..C-1``
     and every class needs a training image. Class names default to ``class_<k>``. The image files
     themselves are only opened on load.
+
+    Returns ``(train_pool, test_pool)``; with ``val_list`` (the dataset's own validation list, e.g.
+    ``ImageNet_LT_val.txt``) ``(train_pool, test_pool, val_pool)``, and the data module validates on
+    that list instead of holding images out of the training list. ``val_list=None`` (or ``""``): none.
     """
-    lists = {split: _resolve_list(root, lf) for split, lf in (("train", train_list), ("test", test_list))}
+    named = [("train", train_list), ("test", test_list)] + ([("val", val_list)] if val_list else [])
+    lists = {split: _resolve_list(root, lf) for split, lf in named}
     entries = {split: _read_list(path) for split, path in lists.items()}
     if class_names is None:
         num_classes = 1 + max(label for split in entries.values() for _, label, _ in split)
@@ -275,8 +283,8 @@ def file_list_pools(root: str, train_list: str, test_list: str,
     pools = tuple(
         FilePool([os.path.join(root, rel) for rel, _, _ in entries[split]],
                  [label for _, label, _ in entries[split]], names, name=f"the images listed in {lists[split]}")
-        for split in ("train", "test"))
-    return pools[0], pools[1]
+        for split in lists)
+    return (pools[0], pools[1], pools[2]) if val_list else (pools[0], pools[1])
 
 
 # ----------------------------------------------------------------------------------------------------

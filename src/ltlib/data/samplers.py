@@ -1,9 +1,18 @@
 """Training and evaluation samplers that shard themselves across DDP ranks.
 
-Every sampler is deterministic given ``(seed, epoch, rank)``, has ``set_epoch(epoch)`` (Lightning
-calls it before each epoch) and a finite ``__len__`` that is the same on every rank, so that all
-ranks run the same number of steps. The trainer runs with ``use_distributed_sampler=False``: these
+Every sampler is deterministic given ``(seed, stream, epoch, rank)``, has ``set_epoch(epoch)``
+(Lightning calls it before each epoch) and a finite ``__len__`` that is the same on every rank, so
+that all ranks run the same number of steps. The trainer runs with ``use_distributed_sampler=False``: these
 samplers do the sharding, Lightning must not wrap them a second time.
+
+Random streams. A sampler's ``stream`` names the training stream it feeds (the key of a method's
+``train_streams``, e.g. BBN's ``conventional`` and ``rebalancing``; a single-stream run's is ``main``,
+which is also the default here, so ``create_sampler(name, targets, seed)`` draws what a single-stream
+run draws). The stream's :func:`stream_id` is mixed into every seed with :func:`mix_seed`, so that
+every stream has its own generator: two streams of one run (even two ``uniform`` ones) draw
+independently of each other, and independently across epochs, ranks (class-aware samplers) and
+seeds. ``uniform`` seeds from ``(seed, stream, epoch)`` only, since all ranks must share the epoch's
+permutation to shard it.
 
 Class-aware sampling (Shen et al., ECCV 2016; BBN, Zhou et al., CVPR 2020) first draws a class ``c``
 with probability ``P_c = w_c / sum_j w_j`` and then an image of that class uniformly at random. The
@@ -24,6 +33,7 @@ square_root      ``sqrt(N_c)``       an image with probability proportional to `
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -41,28 +51,57 @@ def _check_shard(rank: int, world_size: int) -> None:
 
 
 def mix_seed(*values: int) -> int:
-    """A well-mixed 63-bit seed from several integers (e.g. seed, epoch, rank), via NumPy's SeedSequence."""
-    state = np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(2, dtype=np.uint32)
+    """A well-mixed 63-bit seed from several integers (e.g. seed, stream, epoch, rank), via NumPy's
+    SeedSequence.
+
+    Injective in its arguments: each value (mod ``2**64``) is written as exactly two 32-bit words,
+    after a word holding their count. (SeedSequence on the bare values would not be: it pads short
+    entropy with zeros and splits large integers into a variable number of words, so that e.g.
+    ``(s, e, r)`` and ``(s, e, r, 0)``, or ``(s, 2**32)`` and ``(s, 0, 1)``, would give one seed.)
+    """
+    words = [len(values)]
+    for v in values:
+        v = int(v) % 2**64
+        words += [v & 0xFFFFFFFF, v >> 32]
+    state = np.random.SeedSequence(np.array(words, dtype=np.uint32)).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def stream_id(stream: str | int) -> int:
+    """The integer a stream contributes to :func:`mix_seed`: an int ``0 <= stream < 2**32`` as it is, a
+    name as ``2**32 + zlib.crc32(name)`` (UTF-8; stable across processes and Python versions, unlike
+    the salted ``hash()``, and never equal to an int id)."""
+    if isinstance(stream, bool) or not isinstance(stream, (str, int, np.integer)):
+        raise LtlibError(f"stream={stream!r} is invalid; allowed: a stream name or an integer in [0, 2**32)")
+    if isinstance(stream, str):
+        return 2**32 + zlib.crc32(stream.encode("utf-8"))
+    if not 0 <= int(stream) < 2**32:
+        raise LtlibError(f"stream={stream!r} is invalid; allowed: a stream name or an integer in [0, 2**32)")
+    return int(stream)
 
 
 class UniformSampler(Sampler[int]):
     """Every image once per epoch, shuffled, sharded by rank.
 
-    The epoch's permutation comes from ``torch.Generator().manual_seed(seed + epoch)`` and is the same
-    on every rank; it is padded by wrapping around to a multiple of ``world_size`` and rank ``r`` takes
-    ``perm[r::world_size]``. Shards are disjoint (up to the padding) and each has
-    ``ceil(num_samples / world_size)`` indices.
+    The epoch's permutation comes from ``torch.Generator().manual_seed(mix_seed(seed, stream_id(stream),
+    epoch))`` and is the same on every rank (the rank is deliberately not mixed in); it is padded by
+    wrapping around to a multiple of ``world_size`` and rank ``r`` takes ``perm[r::world_size]``.
+    Shards are disjoint (up to the padding) and each has ``ceil(num_samples / world_size)`` indices.
     """
 
     def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, *, stream: str | int = "main") -> None:
         _check_shard(rank, world_size)
         if num_samples < 1:
             raise LtlibError(f"num_samples={num_samples!r} is invalid; allowed: >= 1")
         self.num_samples = int(num_samples)
         self.seed, self.rank, self.world_size, self.shuffle = int(seed), rank, world_size, shuffle
+        self.stream, self.stream_id = stream, stream_id(stream)
         self.epoch = 0
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed of ``epoch``'s permutation (shared by all ranks)."""
+        return mix_seed(self.seed, self.stream_id, epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -72,7 +111,7 @@ class UniformSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            gen = torch.Generator().manual_seed(self.epoch_seed(self.epoch))
             perm = torch.randperm(self.num_samples, generator=gen)
         else:
             perm = torch.arange(self.num_samples)
@@ -86,12 +125,14 @@ class ClassAwareSampler(Sampler[int]):
     """Draw a class with probability ``P_c = w_c / sum_j w_j``, then one of its images uniformly.
 
     Each rank yields ``ceil(num_samples / world_size)`` indices (``num_samples`` defaults to the
-    dataset size), drawn in one vectorised call from a generator seeded by ``(seed, epoch, rank)``.
+    dataset size), drawn in one vectorised call from a generator seeded by
+    ``mix_seed(seed, stream_id(stream), epoch, rank)``.
     A class with a positive weight must have images.
     """
 
     def __init__(self, targets: Sequence[int] | np.ndarray | torch.Tensor, class_weights: Sequence[float] | torch.Tensor,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, num_samples: int | None = None) -> None:
+                 seed: int = 0, rank: int = 0, world_size: int = 1, num_samples: int | None = None, *,
+                 stream: str | int = "main") -> None:
         _check_shard(rank, world_size)
         labels = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
         weights = torch.as_tensor(class_weights, dtype=torch.float64).reshape(-1)
@@ -111,6 +152,7 @@ class ClassAwareSampler(Sampler[int]):
         if self.num_samples < 1:
             raise LtlibError(f"num_samples={num_samples!r} is invalid; allowed: >= 1")
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.stream, self.stream_id = stream, stream_id(stream)
         self.epoch = 0
         self._counts = counts
         self._order = torch.argsort(labels, stable=True)  # image indices grouped by class
@@ -122,8 +164,12 @@ class ClassAwareSampler(Sampler[int]):
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.world_size)
 
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed of this rank's draws in ``epoch``."""
+        return mix_seed(self.seed, self.stream_id, epoch, self.rank)
+
     def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank))
+        gen = torch.Generator().manual_seed(self.epoch_seed(self.epoch))
         classes = torch.multinomial(self.class_probs, len(self), replacement=True, generator=gen)
         sizes = self._counts[classes]
         offsets = (torch.rand(len(self), generator=gen, dtype=torch.float64) * sizes).long()
@@ -142,19 +188,20 @@ class ClassBalancedSampler(ClassAwareSampler):
     """Class-balanced sampling: ``w_c = 1``, so ``P_c = 1 / C`` (classes without images get 0)."""
 
     def __init__(self, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_samples: int | None = None) -> None:
+                 world_size: int = 1, num_samples: int | None = None, *, stream: str | int = "main") -> None:
         counts = _class_counts(targets)
-        super().__init__(targets, (counts > 0).astype(np.float64), seed, rank, world_size, num_samples)
+        super().__init__(targets, (counts > 0).astype(np.float64), seed, rank, world_size, num_samples,
+                         stream=stream)
 
 
 class ReversedSampler(ClassAwareSampler):
     """BBN's reversed sampler (eq. 4): ``w_c = N_max / N_c``, ``P_c = w_c / sum_j w_j``."""
 
     def __init__(self, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_samples: int | None = None) -> None:
+                 world_size: int = 1, num_samples: int | None = None, *, stream: str | int = "main") -> None:
         counts = _class_counts(targets).astype(np.float64)
         weights = np.divide(counts.max(), counts, out=np.zeros_like(counts), where=counts > 0)
-        super().__init__(targets, weights, seed, rank, world_size, num_samples)
+        super().__init__(targets, weights, seed, rank, world_size, num_samples, stream=stream)
 
 
 class SquareRootSampler(ClassAwareSampler):
@@ -162,13 +209,14 @@ class SquareRootSampler(ClassAwareSampler):
     ``N_c ** -1/2``, i.e. a class with ``P_c = sqrt(N_c) / sum_j sqrt(N_j)`` (``w_c = sqrt(N_c)``)."""
 
     def __init__(self, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_samples: int | None = None) -> None:
-        super().__init__(targets, np.sqrt(_class_counts(targets)), seed, rank, world_size, num_samples)
+                 world_size: int = 1, num_samples: int | None = None, *, stream: str | int = "main") -> None:
+        super().__init__(targets, np.sqrt(_class_counts(targets)), seed, rank, world_size, num_samples,
+                         stream=stream)
 
 
 def _uniform(targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int = 0, rank: int = 0,
-             world_size: int = 1) -> UniformSampler:
-    return UniformSampler(len(targets), seed, rank, world_size)
+             world_size: int = 1, *, stream: str | int = "main") -> UniformSampler:
+    return UniformSampler(len(targets), seed, rank, world_size, stream=stream)
 
 
 _SAMPLERS: dict[str, Callable[..., Sampler[int]]] = {
@@ -192,16 +240,17 @@ def check_sampler(name: str, option: str = "sampler") -> str:
 
 
 def create_sampler(name: str, targets: Sequence[int] | np.ndarray | torch.Tensor, seed: int,
-                   rank: int = 0, world_size: int = 1) -> Sampler[int]:
-    """Build the training sampler ``name`` over a dataset with labels ``targets``, sharded for ``rank``.
+                   rank: int = 0, world_size: int = 1, *, stream: str | int = "main") -> Sampler[int]:
+    """Build the training sampler ``name`` over a dataset with labels ``targets``, sharded for ``rank``,
+    for the training stream ``stream`` (its own random stream, see the module doc).
     A deferred spec ``"<before>><after>@<epoch>"`` builds a switching sampler (:mod:`ltlib.data.deferred`)."""
     if name not in _SAMPLERS and ">" in str(name):
         from ltlib.data.deferred import create_deferred_sampler
 
-        return create_deferred_sampler(name, targets, seed, rank, world_size)
+        return create_deferred_sampler(name, targets, seed, rank, world_size, stream=stream)
     if name not in _SAMPLERS:
         raise unknown_name("sampler", name, _SAMPLERS)
-    return _SAMPLERS[name](targets, seed=seed, rank=rank, world_size=world_size)
+    return _SAMPLERS[name](targets, seed=seed, rank=rank, world_size=world_size, stream=stream)
 
 
 class StreamSampler(Sampler[tuple[int, ...]]):

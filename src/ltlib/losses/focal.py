@@ -1,18 +1,22 @@
 """Focal loss (Lin et al., ICCV 2017 / TPAMI 2020) and its class-balanced variant (CB focal; Cui et
 al., CVPR 2019: focal loss weighted by the inverse effective number of samples).
 
-Notes on the reference implementations these follow or depart from:
+The three forms in use, and where each comes from:
 
-* LDAM-DRW's ``FocalLoss`` (also copied into the FBL repository) computes the modulating factor
-  from the *weighted* cross-entropy, ``p = exp(-w_y * CE)``, i.e. ``(1 - p_t ** w_y) ** gamma``, and
-  averages with a plain batch mean. Here the factor is Lin et al.'s ``(1 - p_t) ** gamma`` and
-  ``"mean"`` is the weighted mean of ``F.cross_entropy(weight=...)``; a plain batch mean of the
-  weighted per-sample losses is ``loss_fn(reduction="none").mean()``. (The FBL repository's copy
-  also detaches ``p``; here gradients flow through the factor, as in Lin et al.)
-* Cui et al.'s own CB focal loss is *sigmoid* based: one binary focal term per class, summed over
-  classes, every term of a sample weighted by ``w_{y}``, the total divided by the batch size.
-  :class:`CBFocalLoss` offers it as ``loss_type="sigmoid"``; the softmax form used by the long-tail
-  literature (LDAM-DRW, FBL, BBN baselines) is the default.
+* ``"sigmoid"`` (:class:`CBFocalLoss` ``loss_type="sigmoid"``): Cui et al.'s paper and code
+  (``src/cifar_main.py``, ``focal_loss``): one binary focal term ``-(1 - p^t_c)^gamma log p^t_c`` per
+  class, every term of a sample weighted by ``w_y``, summed and divided by the number of positive
+  labels (the batch size). The CB-focal and focal numbers the BBN and two-head papers print on
+  CIFAR are Cui et al.'s (their table 2; BBN's CB-focal cells 12.90 and 54.83, cited to Cui et al.,
+  are not in it), i.e. this form's.
+* ``"softmax"`` (:class:`FocalLoss`): Lin et al.'s alpha-balanced focal loss on softmax
+  probabilities, ``-w_y (1 - p_t)^gamma log p_t``; ``"mean"`` is the weighted mean ``sum w_y l /
+  sum w_y`` of ``F.cross_entropy(weight=...)``.
+* LDAM-DRW's ``FocalLoss`` (``losses.py``; copied into the FBL repository):
+  :class:`LDAMCodeFocalLoss`, ``(1 - exp(-w_y CE))^gamma w_y CE`` -- the modulating factor is computed
+  from the *weighted* cross-entropy, i.e. ``(1 - p_t^{w_y})^gamma`` -- averaged with a plain batch
+  mean (``reduction="none"`` then ``.mean()``). Without weights it equals the softmax form. (The FBL
+  copy also detaches ``p``; here, as in LDAM-DRW's code, gradients flow through the factor.)
 """
 
 from __future__ import annotations
@@ -109,10 +113,16 @@ class FocalLoss(nn.Module):
 class LDAMCodeFocalLoss(nn.Module):
     """The focal loss of LDAM-DRW's code, ``l_i = (1 - exp(-w_y CE_i))^gamma w_y CE_i``.
 
-    With class weights its modulating factor is ``(1 - p_t^{w_y})^gamma`` instead of Lin et al.'s
-    ``(1 - p_t)^gamma`` (:class:`~ltlib.losses.FocalLoss`); without weights the two agree. Reduction
-    as :class:`~ltlib.losses.FocalLoss`: ``"mean"`` divides by ``sum_i w_{y_i}`` (LDAM-DRW's code
-    divides by the batch size: use ``reduction="none"`` and ``.mean()``).
+    LDAM-DRW's ``FocalLoss(weight=w, gamma)`` computes ``CE_i`` as
+    ``F.cross_entropy(z, y, weight=w, reduction="none")`` (so ``w_y CE_i``), takes
+    ``p = exp(-w_y CE_i)`` and returns ``((1 - p)^gamma w_y CE_i).mean()``. With class weights its
+    modulating factor is therefore ``(1 - p_t^{w_y})^gamma`` instead of Lin et al.'s
+    ``(1 - p_t)^gamma`` (:class:`~ltlib.losses.FocalLoss`); without weights the two agree.
+
+    Reduction as the other losses here: ``"mean"`` divides by ``sum_i w_{y_i}``. LDAM-DRW's code
+    divides by the batch size: ``LDAMCodeFocalLoss(gamma, w, reduction="none")(z, y).mean()`` is its
+    loss exactly (``BaselineClassifier(focal_form="ldam_code", reduction="batch_mean")``); the two
+    differ by the factor ``sum_i w_{y_i} / B``.
     """
 
     def __init__(self, gamma: float = 1.0, weight: Tensor | Sequence[float] | None = None,
@@ -128,7 +138,7 @@ class LDAMCodeFocalLoss(nn.Module):
         dtype = compute_dtype(logits)
         weight = weight_for(self.weight, logits, dtype, "LDAMCodeFocalLoss")
         weighted_ce = F.cross_entropy(logits.to(dtype), targets, weight=weight, reduction="none")
-        losses = (-torch.expm1(-weighted_ce)).clamp_min(0.0) ** self.gamma * weighted_ce
+        losses = (-torch.expm1(-weighted_ce)).clamp_min(_MIN_ONE_MINUS_P) ** self.gamma * weighted_ce
         if self.reduction == "none":
             return losses
         if self.reduction == "sum":
@@ -149,11 +159,13 @@ class CBFocalLoss(nn.Module):
         beta: effective-number hyper-parameter in [0, 1); 0 gives equal weights.
         gamma: focusing parameter, ``>= 0``.
         loss_type: ``"softmax"`` (default): ``l_i = -w_{y_i} (1 - p_t)^gamma log p_t`` with softmax
-            probabilities, as the long-tail literature uses it. ``"sigmoid"``: Cui et al.'s own form,
+            probabilities (Lin et al.'s alpha-balanced form with ``alpha_t = w_y``). ``"sigmoid"``: Cui
+            et al.'s own form (their paper's eq. and ``src/cifar_main.py``),
             ``l_i = w_{y_i} sum_c -(1 - p^t_c)^gamma log p^t_c`` with one sigmoid per class.
         reduction: ``"mean"`` (weighted mean ``sum w_y l / sum w_y``, as ``F.cross_entropy``),
-            ``"sum"`` or ``"none"`` (``w_{y_i} l_i``). Cui et al.'s code divides the sum by the batch
-            size instead: ``CBFocalLoss(..., reduction="none")(logits, targets).mean()``.
+            ``"sum"`` or ``"none"`` (``w_{y_i} l_i``). Cui et al.'s code divides the sum by the number
+            of positive labels, the batch size: ``CBFocalLoss(..., reduction="none")(logits,
+            targets).mean()``.
 
     Class-balanced cross-entropy (CB softmax) needs no class of its own:
     ``torch.nn.CrossEntropyLoss(weight=class_balanced_weights(class_counts, beta))``.

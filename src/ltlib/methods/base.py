@@ -25,6 +25,8 @@ from ltlib.errors import LtlibError, check_in_range
 from ltlib.metrics import LongTailMetrics
 
 LR_SCHEDULES = ("multistep", "cosine", "constant")
+#: How a method's linear classifier layers are initialised (``method.classifier_weight_init``).
+CLASSIFIER_INITS = ("auto", "pytorch", "kaiming_normal", "xavier_uniform")
 
 
 @dataclass
@@ -78,6 +80,31 @@ class OptimConfig:
         return factor
 
 
+def resolve_classifier_init(name: str, backbone: nn.Module) -> str:
+    """``auto`` -> ``kaiming_normal`` for a CIFAR ResNet backbone, ``pytorch`` otherwise."""
+    if name != "auto":
+        return name
+    from ltlib.backbones.cifar_resnet import CifarResNet
+
+    return "kaiming_normal" if isinstance(backbone, CifarResNet) else "pytorch"
+
+
+def init_classifier(classifier: nn.Module, scheme: str) -> None:
+    """Apply ``scheme`` (``pytorch``, ``kaiming_normal`` or ``xavier_uniform``) to every ``nn.Linear`` inside
+    ``classifier``; other layers (LDAM's cosine classifier, the two-head model's grouped conv) keep their own."""
+    if scheme == "pytorch":
+        return
+    for layer in classifier.modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        if scheme == "kaiming_normal":
+            nn.init.kaiming_normal_(layer.weight)  # the bias keeps nn.Linear's default, as LDAM-DRW's code
+        else:
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 class LongTailMethod(L.LightningModule):
     """Base of every method: a backbone, a linear classifier, and the shared training machinery.
 
@@ -88,6 +115,14 @@ class LongTailMethod(L.LightningModule):
         optim: an :class:`OptimConfig` or a mapping of its fields.
         class_names: optional names, used in logs and results.
         many_threshold, few_threshold: shot groups (many > 100, few < 20 by convention).
+        classifier_weight_init: the classifier's linear layers: ``pytorch`` keeps ``nn.Linear``'s own
+            initialisation (weight and bias U(-1/sqrt(D), 1/sqrt(D)), std about 0.072 for D = 64: the
+            official BBN code); ``kaiming_normal`` draws the weight from Kaiming-normal (fan_in, gain
+            sqrt(2): std sqrt(2 / D), 0.177 for D = 64) and keeps the bias, as the ``_weights_init`` of
+            LDAM-DRW's and FBL's CIFAR ResNet-32 does; ``auto``: ``kaiming_normal`` on a CIFAR ResNet
+            backbone (the nets those codes build), ``pytorch`` on every other backbone;
+            ``xavier_uniform``: Glorot-uniform weight and zero bias, TensorFlow's dense-layer default (Cui et
+            al.'s class-balanced-loss code, whose numbers BBN table 1 prints for CE, Focal and CB-Focal).
     """
 
     #: stream name -> sampler name; the DataModule reads this to build the training batches.
@@ -102,6 +137,7 @@ class LongTailMethod(L.LightningModule):
         class_names: Sequence[str] | None = None,
         many_threshold: int = 100,
         few_threshold: int = 20,
+        classifier_weight_init: str = "pytorch",
     ) -> None:
         super().__init__()
         if type(self).compute_loss is LongTailMethod.compute_loss:
@@ -114,7 +150,13 @@ class LongTailMethod(L.LightningModule):
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
         self.register_buffer("class_counts", torch.as_tensor(list(class_counts), dtype=torch.long), persistent=False)
+        if classifier_weight_init not in CLASSIFIER_INITS:
+            raise LtlibError(f"method.classifier_weight_init={classifier_weight_init!r} is not allowed; use one of "
+                             f"{', '.join(CLASSIFIER_INITS)}")
         self.classifier = self.build_classifier(backbone.out_dim, num_classes)
+        self.classifier_weight_init = resolve_classifier_init(classifier_weight_init, backbone)
+        init_classifier(self.classifier, self.classifier_weight_init)
+        self.save_hyperparameters({"classifier_weight_init": self.classifier_weight_init})
         metric_args = dict(num_classes=num_classes, class_counts=list(class_counts),
                            many_threshold=many_threshold, few_threshold=few_threshold)
         self.val_metrics = LongTailMetrics(**metric_args)

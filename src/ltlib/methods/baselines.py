@@ -6,9 +6,12 @@ and FBL papers' baseline tables) that train a single classifier with a per-sampl
 ======================  ========================================================================
 ``method=``             what it trains
 ======================  ========================================================================
-``focal``               focal loss (Lin et al.), ``gamma = 1`` (LDAM-DRW's code)
-``cb_focal``            focal loss weighted by class-balanced weights (Cui et al., beta = 0.9999)
-``cb_focal_sigmoid``    Cui et al.'s own sigmoid CB focal loss, as their code trains it
+``focal``               focal loss, ``gamma = 1``, sigmoid form of Cui et al.'s code (which produced
+                        BBN's "Focal" numbers); ``focal_form=softmax``: LDAM-DRW's code
+``cb_focal``            class-balanced focal loss (Cui et al., beta = 0.9999, gamma = 1) in the
+                        sigmoid form of Cui et al.'s code (which produced every CB-focal number of
+                        BBN and the two-head paper); ``focal_form=ldam_code reduction=batch_mean``:
+                        LDAM-DRW's code (``--loss_type Focal --train_rule Reweight``)
 ``ce_drw``              CE, class-balanced weights switched on at epoch 160 (Cao et al., DRW)
 ``ldam``                LDAM loss on a cosine classifier (Cao et al.)
 ``ldam_drw``            LDAM loss + deferred re-weighting (Cao et al.)
@@ -81,9 +84,11 @@ class BaselineClassifier(LongTailMethod):
         loss: ``ce``, ``focal`` (``gamma``, ``focal_form``), ``ldam`` (``max_margin``, ``scale``;
             Cao et al.) or ``logit_adjusted`` (``tau``; Menon et al.'s loss).
         gamma: focal loss focusing parameter, ``>= 0``.
-        focal_form: ``softmax`` (Lin et al., default), ``sigmoid`` (Cui et al.'s code: one sigmoid per
-            class, last-layer bias initialised to ``-log(C - 1)`` and not weight-decayed) or
-            ``ldam_code`` (:class:`~ltlib.losses.LDAMCodeFocalLoss`).
+        focal_form: ``softmax`` (Lin et al.'s ``(1 - p_t)^gamma`` on softmax probabilities; the
+            Python default), ``sigmoid`` (Cui et al.'s code: one sigmoid per class, last-layer bias
+            initialised to ``-log(C - 1)`` and not weight-decayed; the ``focal`` / ``cb_focal``
+            configs' default) or ``ldam_code`` (LDAM-DRW's code, factor from the weighted CE:
+            :class:`~ltlib.losses.LDAMCodeFocalLoss`).
         max_margin, scale: LDAM's largest margin (0.5) and logit scale ``s`` (30).
         tau: logit adjustment strength of the ``logit_adjusted`` loss.
         classifier: ``linear``, ``normed`` (cosine, :class:`~ltlib.losses.NormedLinear`) or ``auto``
@@ -97,7 +102,8 @@ class BaselineClassifier(LongTailMethod):
         resample_from_epoch: the first epoch (from 0) drawn by ``deferred_sampler``.
         reduction: ``weighted_mean`` (``sum w_y l / sum w_y``, as ``F.cross_entropy(weight=...)`` and
             LDAM-DRW's CE and LDAM losses) or ``batch_mean`` (``sum w_y l / B``, as LDAM-DRW's focal
-            loss and Cui et al.'s sigmoid losses).
+            loss and Cui et al.'s sigmoid losses). With class weights the two differ by the factor
+            ``sum_i w_{y_i} / B`` (several-fold on a long-tailed batch with class-balanced weights).
         posthoc_tau: if > 0, validation and test predict with ``z - posthoc_tau * log pi`` (Menon et
             al.'s post-hoc adjustment, :func:`~ltlib.losses.posthoc_logit_adjustment`).
         Remaining arguments: see :class:`~ltlib.methods.base.LongTailMethod`.
@@ -141,6 +147,10 @@ class BaselineClassifier(LongTailMethod):
         self._head_kind = classifier
         self._sigmoid_head = loss == "focal" and focal_form == "sigmoid"
         super().__init__(backbone, num_classes, class_counts, optim, **kwargs)
+        if self._sigmoid_head and num_classes > 1:
+            # Cui et al.'s code starts every sigmoid at the prior 1/C: b = -log(C - 1) (after the weight
+            # initialisation of the base class, which may reset the bias).
+            nn.init.constant_(self.classifier.bias, -math.log(num_classes - 1))
 
         check_sampler(sampler)
         self.reweight_from_epoch = _check_epoch("reweight_from_epoch", reweight_from_epoch)
@@ -169,11 +179,7 @@ class BaselineClassifier(LongTailMethod):
     def build_classifier(self, in_features: int, num_classes: int) -> nn.Module:
         if self._head_kind == "normed":
             return NormedLinear(in_features, num_classes)
-        head = nn.Linear(in_features, num_classes)
-        if self._sigmoid_head and num_classes > 1:
-            # Cui et al.'s code starts every sigmoid at the prior 1/C: b = -log(C - 1).
-            nn.init.constant_(head.bias, -math.log(num_classes - 1))
-        return head
+        return nn.Linear(in_features, num_classes)
 
     def _build_criterion(self, loss: str, counts: Tensor, gamma: float, focal_form: str, max_margin: float,
                          scale: float, tau: float) -> nn.Module:

@@ -30,7 +30,7 @@ from ltlib.analysis.weight_norms import classifier_weight_norms, plot_weight_nor
 from ltlib.data.samplers import check_sampler
 from ltlib.errors import LtlibError, check_in_range, unknown_name
 from ltlib.methods.base import LongTailMethod, OptimConfig
-from ltlib.schedules import get_schedule, list_schedules
+from ltlib.schedules import BetaSchedule, get_schedule, list_schedules
 
 COMBINERS = ("official", "paper")
 #: How the training step runs the shared trunk over the two sub-batches (docs/speed.md).
@@ -102,6 +102,8 @@ class BBN(LongTailMethod):
             otherwise.
         adaptor_epochs: the ``T_max`` of the adaptor in epochs; null means ``trainer.max_epochs`` (eq.
             5). The official code uses 100 for its 90-epoch and 200 for its 180-epoch iNaturalist runs.
+        adaptor_seed: seed of the ``beta`` adaptor's draws (the run's ``seed`` in the configs), each a
+            function of (adaptor_seed, optimiser step) (or epoch, with ``alpha_per_step=False``).
         trunk_pass: ``separate`` (default; the paper's and official code's training step: the trunk runs
             once per sub-batch, so batch norm normalises each with its own statistics) or
             ``concatenated`` (one trunk pass over both sub-batches: fewer, larger kernels, but batch norm
@@ -123,6 +125,7 @@ class BBN(LongTailMethod):
         alpha_per_step: bool | None = None,
         adaptor_epochs: int | None = None,
         trunk_pass: str = "separate",
+        adaptor_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         if trunk_pass not in TRUNK_PASSES:
@@ -149,12 +152,13 @@ class BBN(LongTailMethod):
         self.alpha_per_step = adaptor in PER_STEP_ADAPTORS if alpha_per_step is None else bool(alpha_per_step)
         self.adaptor_epochs = adaptor_epochs
         self.trunk_pass = trunk_pass
+        self.adaptor_seed = int(adaptor_seed)
         self._alpha_sum = 0.0
         self._alpha_steps = 0
         self.save_hyperparameters({
             "rebalancing_sampler": rebalancing_sampler, "combiner": combiner, "classifier_bias": self.classifier_bias,
             "adaptor": adaptor, "alpha": self.fixed_alpha, "alpha_per_step": self.alpha_per_step,
-            "adaptor_epochs": adaptor_epochs, "trunk_pass": trunk_pass,
+            "adaptor_epochs": adaptor_epochs, "trunk_pass": trunk_pass, "adaptor_seed": self.adaptor_seed,
         })
 
     # ----------------------------------------------------------------- model
@@ -197,6 +201,12 @@ class BBN(LongTailMethod):
     def current_alpha(self) -> float:
         """Alpha for the current step: ``training_progress()`` (constant within an epoch, 0 in the first,
         as the official ``(epoch - 1) / T_max``) or per step, over ``adaptor_epochs`` when set."""
+        if self.fixed_alpha is None and isinstance(self.adaptor, BetaSchedule):
+            # A fresh draw per step (or epoch), never a function of the clipped progress, which stops at 1
+            # past adaptor_epochs and would repeat one value from there on.
+            key = self.trainer.global_step if self._trainer is not None and self.alpha_per_step else (
+                self.current_epoch if self._trainer is not None else 0)
+            return self.adaptor.draw(key, self.adaptor_seed)
         progress = self.training_progress(per_step=self.alpha_per_step)
         if self.adaptor_epochs is not None:
             progress = progress * self.max_epochs / self.adaptor_epochs
