@@ -17,8 +17,9 @@ from pathlib import Path
 from tests.conftest import REPO, cli_env, run_cli
 
 #: BBN on the digits, 3 epochs of 26 steps (batch 16): long enough to interrupt in the middle.
-BBN_ARGS = ("method=bbn", "backbone=resnet20", "trainer.max_epochs=3", "optim.lr=0.1", "optim.warmup_epochs=1",
-            "data.batch_size=16")  # the setting the DDP tolerance in test_scaling was measured at
+BBN_ARGS = ("method=bbn", "backbone=resnet20", "trainer.max_epochs=3", "optim.lr=0.05", "optim.warmup_epochs=1",
+            "data.batch_size=16")  # the setting the DDP tolerance in test_scaling was measured at (the digits
+# recipe's lr: at 0.1 the first epoch's loss varies by up to 40% between sample orders)
 
 
 @functools.cache

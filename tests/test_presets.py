@@ -254,3 +254,26 @@ def test_fbl_table4_other_curricula_use_epoch_over_epochs():
     assert cfg.method.progress_mode == "standard"
     assert compose_cfg("method=fbl").method.progress_mode == "standard"  # the plain default: eq. 7's t / T
     assert compose_cfg("experiment=fbl_table2", "method.progress_mode=standard").method.progress_mode == "standard"
+
+
+# ------------------------------------------------------------------------- the two-head model's decisions
+@pytest.mark.parametrize("variant, mixup, weighted, from_epoch, channels", [
+    ("ours", 0.0, False, None, "split_floor"),
+    ("ours_fbh_projection", 0.0, False, None, "projection"),
+    ("ours_full", 1.0, True, 120, "split_floor"),
+    ("ours_full_from_start", 1.0, True, 0, "split_floor"),
+])
+def test_two_head_decisions_preset_ablates_each_open_decision(variant, mixup, weighted, from_epoch, channels):
+    from types import SimpleNamespace
+
+    cfg = compose_cfg("experiment=two_head_decisions", f"two_head_variant={variant}")
+    assert cfg.trainer.max_epochs == 200 and list(cfg.optim.milestones) == [120, 160]  # the paper's CIFAR recipe
+    model = build_method(cfg)
+    assert model.prediction == "max_logit" and model.mixup_alpha == mixup
+    # ResNet-32 on CIFAR-10: D = 64 channels, C = 10 classes, so 6 backbone channels per class (4 unused)
+    assert model.fbh.channel_assignment == channels
+    assert model.fbh.channels_per_class == (6 if channels == "split_floor" else math.ceil(64 / 10))
+    assert (model.class_weights is not None) == weighted
+    if weighted:  # deferred: DRW's rule, the first lr decay of the 200-epoch recipe (0-based epoch 120)
+        model._trainer = SimpleNamespace(max_epochs=200, current_epoch=0)
+        assert model.reweight_epoch == from_epoch

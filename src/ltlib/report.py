@@ -617,7 +617,7 @@ def report_markdown(cells: Sequence[Cell], records: Sequence[RunRecord], split: 
         for paper, table, caption in sources:
             meta = info.get(paper, {})
             lines.append(f"* {_PAPER_NAMES.get(paper, paper)} {table}: {caption} — {meta.get('authors', '')}, "
-                         f"\"{meta.get('title', paper)}\", {meta.get('venue', '')}")
+                         f"\"{meta.get('title', paper)}\", {meta.get('venue') or 'venue not stated in the paper'}")
     return "\n".join(lines) + "\n"
 
 

@@ -393,6 +393,8 @@ def train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             },
             many_threshold=cfg.many_threshold,
             few_threshold=cfg.few_threshold,
+            metric_variants={method.variant_group: method.last_variant_metrics}
+            if getattr(method, "variant_group", None) and method.last_variant_metrics else None,
         )
         print_results_table(payload)
         log.info("results written to %s", output_dir / "results.json")

@@ -165,6 +165,26 @@ def test_print_results_table_renders_percentages(tmp_path: Path) -> None:
     assert "test: official test set, evaluated once" in words
 
 
+def test_metric_variants_become_metrics_by_option_and_table_rows(tmp_path: Path) -> None:
+    config = OmegaConf.create({"method": {"name": "two_head", "prediction": "max_logit"}, "data": {"name": "toy_lt"}})
+    other = _metrics()["test"] | {"top1": torch.tensor(0.5, dtype=torch.float64)}
+    variants = {"prediction": {"max_logit": _metrics(), "sum_prob": {"test": other}}}
+    payload = _write(tmp_path, config=config, metric_variants=variants)
+    by_rule = _strict_json((tmp_path / "results.json").read_text())["metrics_by_prediction"]
+    assert by_rule == payload["metrics_by_prediction"] and set(by_rule) == {"max_logit", "sum_prob"}
+    for split in ("val", "test"):
+        assert {k: v for k, v in by_rule["max_logit"][split].items() if k != "per_class_acc"} == payload["metrics"][split]
+    assert by_rule["sum_prob"]["test"]["top1"] == 0.5 and set(by_rule["sum_prob"]) == {"test"}
+    assert by_rule["max_logit"]["val"]["per_class_acc"] == [0.9, 0.8, 0.5, None, None]
+    console = Console(record=True, width=160)
+    table = print_results_table(payload, console=console)
+    text = console.export_text()
+    assert table.row_count == 3 and "test · sum_prob" in text and "50.00" in text  # one row per other rule
+    assert "val, test: prediction=max_logit (configured); · sum_prob: prediction=sum_prob" in " ".join(text.split())
+    with pytest.raises(LtlibError, match="reserved"):
+        _write(tmp_path, metric_variants=variants, extra={"metrics_by_prediction": 1})
+
+
 def test_shot_accuracies_derived_when_metric_has_no_class_counts(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     targets = torch.randint(5, (200,), generator=gen)

@@ -209,7 +209,9 @@ def test_model_forward_returns_class_scores_of_the_chosen_heads():
     (8, 8, "split", "split", 1),          # D = C
     (10, 4, "cyclic", "cyclic", 2),       # D > C, not a multiple: 2 per class, 2 channels unused
     (4, 10, "cyclic", "cyclic", 1),       # D < C: channels shared
-    (10, 4, "auto", "projection", 3),     # D > C, not a multiple: projection to ceil(D / C) per class
+    (10, 4, "auto", "split_floor", 2),    # D > C, not a multiple: D // C own channels per class, 2 unused
+    (10, 4, "projection", "projection", 3),  # projection to ceil(D / C) per class
+    (64, 10, "auto", "split_floor", 6),   # ResNet-32 on CIFAR-10
     (4, 10, "projection", "projection", 1),
     (64, 100, "auto", "projection", 1),   # ResNet-32 on CIFAR-100
 ])
@@ -246,6 +248,35 @@ def test_split_head_is_eq1_for_each_class():
         kernel = head.grouped.weight[c:c + 1]
         expected = F.conv2d(group, kernel, head.grouped.bias[c:c + 1], padding=1).mean(dim=(1, 2, 3))
         torch.testing.assert_close(z[:, c], expected)
+
+
+def test_auto_gives_each_class_its_own_backbone_channels_when_d_is_not_a_multiple():
+    """ResNet-32 on CIFAR-10 (D=64, C=10): 6 unique backbone channels per class, channels 60-63 unused by the
+    FBH; on CIFAR-100 (D=64 < C=100) the projection; D=60, C=10 the paper's split."""
+    torch.manual_seed(0)
+    head = FeatureBalancingHead(64, 10)
+    assert (head.channel_assignment, head.channels_per_class, head.project) == ("split_floor", 6, None)
+    groups = [head.group_channels(c) for c in range(10)]
+    assert groups == [list(range(6 * c, 6 * c + 6)) for c in range(10)]
+    assert head.unused_channels == [60, 61, 62, 63] and not set(sum(groups, [])) & {60, 61, 62, 63}
+    assert "channel_assignment='split_floor' (from 'auto')" in repr(head) and "unused_channels=4" in repr(head)
+    # d z_c / d F by autograd, one class at a time: zero outside class c's 6 channels, non-zero inside
+    fmap = torch.randn(3, 64, 4, 4, requires_grad=True)
+    z = head(fmap)
+    for c in range(10):
+        (grad,) = torch.autograd.grad(z[:, c].sum(), fmap, retain_graph=True)
+        per_channel = grad.abs().sum(dim=(0, 2, 3))
+        own = torch.zeros(64, dtype=torch.bool)
+        own[6 * c:6 * c + 6] = True
+        assert torch.all(per_channel[~own] == 0) and torch.all(per_channel[own] > 0), c
+    assert FeatureBalancingHead(64, 100).channel_assignment == "projection"
+    assert (FeatureBalancingHead(60, 10).channel_assignment, FeatureBalancingHead(60, 10).channels_per_class) == (
+        "split", 6)
+    assert FeatureBalancingHead(64, 10, "split_floor", channels_per_class=4).unused_channels == list(range(40, 64))
+    with pytest.raises(LtlibError, match="channels_per_class=7 gives 70 channels but D=64"):
+        FeatureBalancingHead(64, 10, channels_per_class=7)
+    with pytest.raises(LtlibError, match="split_floor needs at least one feature channel per class"):
+        FeatureBalancingHead(64, 100, "split_floor")
 
 
 def test_split_needs_a_multiple_and_bad_head_options_are_errors():
@@ -308,7 +339,7 @@ def test_mixup_mixes_cluster_and_class_labels_with_the_same_pairing(monkeypatch)
 
 
 def test_class_weights_multiply_every_target_entry_by_its_class_weight():
-    model = make_model(class_weighting="class_balanced", feature_balancing=False, reweight_start_epoch=0)
+    model = make_model(class_weighting="class_balanced", feature_balancing=False, reweight_from_epoch=0)
     weights = class_balanced_weights(DIGITS_COUNTS, 0.9999)
     torch.testing.assert_close(model.active_class_weights(), weights)
     targets_all = targets_of(DIGITS_COUNTS)
@@ -321,7 +352,7 @@ def test_class_weights_multiply_every_target_entry_by_its_class_weight():
     logits = model.classifier(model.backbone(images))
     per_image = -(q * logits.log_softmax(1)).sum(1)
     torch.testing.assert_close(loss, (weights[labels] * per_image).mean())
-    assert make_model(class_weighting="class_balanced", reweight_start_epoch=3).active_class_weights() is None
+    assert make_model(class_weighting="class_balanced", reweight_from_epoch=3).active_class_weights() is None
 
 
 def test_undivided_model_is_plain_cross_entropy():
@@ -340,6 +371,9 @@ def test_undivided_model_is_plain_cross_entropy():
     ("lambda_fbh", -0.5, "lambda_fbh=-0.5"), ("clustering", "dbscan", "dbscan"), ("cluster_on", "pixels", "pixels"),
     ("prediction", "vote", "vote"), ("mixup_alpha", -1.0, "mixup_alpha=-1.0"), ("class_weighting", "cb", "'cb'"),
     ("cluster_checkpoint", "/nowhere.ckpt", "/nowhere.ckpt"),
+    ("reweight_from_epoch", -1, "reweight_from_epoch=-1 is invalid; allowed: an integer >= 0 or null"),
+    ("reweight_from_epoch", 1.5, "reweight_from_epoch=1.5"),
+    ("reweight_start_epoch", 0, "the option is now reweight_from_epoch"),
 ])
 def test_bad_options_raise_one_line_errors(option, value, expected):
     with pytest.raises(LtlibError) as info:
@@ -483,6 +517,8 @@ def test_cli_trains_two_head_full_with_kmeans_after_warmup_under_ddp(tiny_run_ar
     assert sum(division["cluster_sizes"]) == sum(DIGITS_COUNTS) and min(division["cluster_sizes"]) >= 1
     assert results["config"]["method"]["mixup_alpha"] == 1.0
     assert results["metrics"]["test"]["num_samples"] == 500
+    # the other K -> C rule's metrics are summed over the ranks too
+    assert results["metrics_by_prediction"]["sum_prob"]["test"]["num_samples"] == 500
 
 
 def test_non_zero_ranks_adopt_the_assignment_rank_zero_broadcasts():

@@ -161,10 +161,15 @@ def write_results(
     extra: Mapping[str, Any] | None = None,
     many_threshold: int = 100,
     few_threshold: int = 20,
+    metric_variants: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]] | None = None,
 ) -> dict[str, Any]:
     """Write ``results.json``, ``per_class.csv`` and ``per_class_accuracy.png`` into ``output_dir``.
 
     ``metrics`` maps a split name (``"val"``, ``"test"``) to a ``LongTailMetrics.compute()`` dict.
+    ``metric_variants`` maps an option (``"prediction"``) to ``{rule: {split: LongTailMetrics.compute()}}``
+    of every evaluation rule of that option (a method's ``last_variant_metrics``); each becomes a key
+    ``metrics_by_<option>`` of ``results.json``: ``{rule: {split: summary + per_class_acc}}``, the summary
+    as in ``metrics``.
     ``split_info`` describes the splits (sizes, subset hash; ``split_info[split]["source"]``, when
     present, is shown in the console table). ``extra`` adds top-level keys to ``results.json``.
     Returns the JSON payload as written (NaN as ``None``).
@@ -173,7 +178,8 @@ def write_results(
         raise LtlibError(f"{len(class_names)} class names but {len(class_counts)} class counts; expected one each")
     if not metrics:
         raise LtlibError("metrics is empty; expected at least one split, e.g. {'test': ...}")
-    clash = _RESERVED_KEYS & set(extra or {})
+    variant_keys = {f"metrics_by_{group}" for group in (metric_variants or {})}
+    clash = (_RESERVED_KEYS | variant_keys) & set(extra or {})
     if clash:
         raise LtlibError(f"extra uses reserved results.json keys {sorted(clash)}")
     out = Path(output_dir)
@@ -202,6 +208,12 @@ def write_results(
         "confusion": {
             split: to_jsonable(result["confusion"]) for split, result in metrics.items() if "confusion" in result
         },
+        **{f"metrics_by_{group}": {
+            name: {split: {**_split_summary(f"{name}/{split}", result, shots),
+                           "per_class_acc": to_jsonable(_to_numpy(result["per_class_acc"]))}
+                   for split, result in by_split.items()}
+            for name, by_split in by_name.items()}
+           for group, by_name in (metric_variants or {}).items()},
         **to_jsonable(dict(extra or {})),
     }
 
@@ -335,7 +347,9 @@ def _percent(value: Any) -> str:
 
 
 def print_results_table(payload: Mapping[str, Any], console: Console | None = None) -> Table:
-    """Print one row per split (top-1, mean class, many/medium/few accuracy in percent); return the table."""
+    """Print one row per split (top-1, mean class, many/medium/few accuracy in percent), plus one per split and
+    alternative evaluation rule of ``metrics_by_<option>`` (the configured rule is the split's row); return
+    the table."""
     method = payload.get("method", "?")
     dataset = _dataset_name(payload)
     title = f"{method} on {dataset}" if dataset else str(method)
@@ -349,19 +363,32 @@ def print_results_table(payload: Mapping[str, Any], console: Console | None = No
     splits = sorted(metrics, key=lambda s: order.get(s, len(order)))
     split_info = payload.get("splits") or {}
     captions = []
+    method_cfg = (payload.get("config") or {}).get("method")
+    method_cfg = method_cfg if isinstance(method_cfg, Mapping) else {}
+    variants = {key.removeprefix("metrics_by_"): value for key, value in payload.items()
+                if key.startswith("metrics_by_") and isinstance(value, Mapping)}
     for split in splits:
-        row = metrics[split]
-        samples = row.get("num_samples")
-        table.add_row(
-            split,
-            *(_percent(row.get(key)) for key in SUMMARY_KEYS[:-1]),
-            "–" if samples is None else str(samples),
-        )
+        rows = [(split, metrics[split])]
+        for group, by_name in variants.items():
+            # the configured rule is the split's own row; one more row per other rule
+            rows += [(f"{split} · {name}", by_split[split]) for name, by_split in by_name.items()
+                     if name != method_cfg.get(group) and split in by_split]
+        for label, row in rows:
+            samples = row.get("num_samples")
+            table.add_row(
+                label,
+                *(_percent(row.get(key)) for key in SUMMARY_KEYS[:-1]),
+                "–" if samples is None else str(samples),
+            )
         info = split_info.get(split)
         source = info.get("source") if isinstance(info, Mapping) else None
         source = source or _DEFAULT_SPLIT_SOURCES.get(split)
         if source:
             captions.append(f"{split}: {source}")
+    for group, by_name in variants.items():
+        others = [name for name in by_name if name != method_cfg.get(group)]
+        configured = f"{', '.join(splits)}: {group}={method_cfg[group]} (configured); " if group in method_cfg else ""
+        captions.append(configured + "; ".join(f"· {name}: {group}={name}" for name in others))
     if captions:
         table.caption = "\n".join(captions)
     (console or Console()).print(table)

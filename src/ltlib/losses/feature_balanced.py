@@ -1,4 +1,4 @@
-"""Feature-balanced loss (FBL; Li, Cheung and Jiang, ICASSP 2022, eq. 5-8).
+"""Feature-balanced loss (FBL; Li, Cheung and Jiang, eq. 5-8).
 
 FBL lowers every class's logit by a class-dependent *stimulus* divided by the feature norm,
 

@@ -4,7 +4,9 @@
 training-progress counter that schedules read (BBN's alpha, FBL's alpha(t)), evaluation through
 :meth:`evaluate_logits`, and long-tail metrics accumulated on the device and synced once per epoch.
 A method overrides :meth:`compute_loss` (and :meth:`evaluate_logits` when inference differs from a
-plain forward pass) and declares the sampler streams it trains on in :attr:`train_streams`.
+plain forward pass) and declares the sampler streams it trains on in :attr:`train_streams`. A method
+with several evaluation rules (the two-head model's K -> C prediction) records the alternatives beside
+the configured one with :meth:`add_evaluation_variants` and :meth:`evaluate_variants`.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ class LongTailMethod(L.LightningModule):
 
     #: stream name -> sampler name; the DataModule reads this to build the training batches.
     train_streams: Mapping[str, str] = {"main": "uniform"}
+    #: the alternative evaluation rules (set by :meth:`add_evaluation_variants`).
+    _variant_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -161,6 +165,12 @@ class LongTailMethod(L.LightningModule):
                            many_threshold=many_threshold, few_threshold=few_threshold)
         self.val_metrics = LongTailMetrics(**metric_args)
         self.test_metrics = LongTailMetrics(**metric_args)
+        self._metric_args = metric_args
+        # Evaluation variants (add_evaluation_variants): none by default.
+        self.variant_group: str | None = None
+        self.configured_variant: str | None = None
+        self.variant_metrics = nn.ModuleDict()
+        self.last_variant_metrics: dict[str, dict[str, dict[str, Tensor]]] = {}
         # Epoch mean of the training loss: sums kept on the device, synced at epoch end. NaN checks are
         # off because torchmetrics' check reads the value on the host every step.
         self.train_loss_sum = SumMetric(nan_strategy="disable")
@@ -178,6 +188,37 @@ class LongTailMethod(L.LightningModule):
     def evaluate_logits(self, images: Tensor) -> Tensor:
         """Logits used for validation and test (BBN overrides: both branches, alpha = 0.5)."""
         return self(images)
+
+    # ---------------------------------------------------- evaluation variants
+    @property
+    def evaluation_variants(self) -> tuple[str, ...]:
+        """Names of the alternative evaluation rules recorded besides the configured one (none by default)."""
+        return tuple(self._variant_names)
+
+    def add_evaluation_variants(self, group: str, configured: str, others: Sequence[str]) -> None:
+        """Evaluate alternative rules of option ``group`` besides the ``configured`` one on every validation
+        and test pass, from the same forward pass (:meth:`evaluate_variants`).
+
+        Each rule ``name`` in ``others`` gets its own :class:`LongTailMetrics` for validation and test
+        (accumulated on the device like the standard ones, synced once per epoch). The standard
+        ``val/*`` / ``test/*`` metrics stay those of the configured rule (checkpoint selection reads them);
+        every rule, the configured one included, is also logged as ``val_<name>/*`` / ``test_<name>/*``, kept
+        in :attr:`last_variant_metrics` (``[name][split]``, ``LongTailMetrics.compute()`` dicts) and written
+        to ``results.json`` as ``metrics_by_<group>``. Call it in ``__init__`` (the metrics move with the module).
+        """
+        others = [str(name) for name in others if name != configured]
+        for name in [configured, *others]:
+            if not name.isidentifier():
+                raise LtlibError(f"evaluation variant name {name!r} must be an identifier (it names logged metrics)")
+        self.variant_group, self.configured_variant = str(group), str(configured)
+        self.variant_metrics = nn.ModuleDict({f"{split}_{name}": LongTailMetrics(**self._metric_args)
+                                              for split in ("val", "test") for name in others})
+        self._variant_names = tuple(others)
+
+    def evaluate_variants(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The configured rule's logits (what :meth:`evaluate_logits` returns) and ``{name: logits}`` of every
+        rule in :attr:`evaluation_variants`, from one forward pass. Methods that add variants override it."""
+        return self.evaluate_logits(images), {}
 
     def compute_loss(self, batch: Any) -> Tensor:
         """The training loss for one batch; every method defines it (checked in ``__init__``)."""
@@ -229,11 +270,23 @@ class LongTailMethod(L.LightningModule):
     # ------------------------------------------------------------ evaluation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, targets = batch
-        self.val_metrics.update(self.evaluate_logits(images), targets)
+        self._update_metrics("val", self.val_metrics, images, targets)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         images, targets = batch
-        self.test_metrics.update(self.evaluate_logits(images), targets)
+        self._update_metrics("test", self.test_metrics, images, targets)
+
+    def _update_metrics(self, split: str, metrics: LongTailMetrics, images: Tensor, targets: Tensor) -> None:
+        if not self._variant_names:
+            metrics.update(self.evaluate_logits(images), targets)
+            return
+        logits, variants = self.evaluate_variants(images)
+        if variants.keys() != set(self._variant_names):
+            raise LtlibError(f"{type(self).__name__}.evaluate_variants returned the variants {sorted(variants)}; "
+                             f"expected {sorted(self._variant_names)}")
+        metrics.update(logits, targets)
+        for name, variant_logits in variants.items():
+            self.variant_metrics[f"{split}_{name}"].update(variant_logits, targets)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
@@ -244,11 +297,24 @@ class LongTailMethod(L.LightningModule):
     def _log_metrics(self, split: str, metrics: LongTailMetrics) -> None:
         values = metrics.compute()  # synced across ranks here, once per epoch
         self.last_metrics[split] = {k: v.detach() for k, v in values.items()}
-        scalars = {f"{split}/{k}": values[k] for k in ("top1", "mean_class_acc", "many_acc", "medium_acc", "few_acc")
-                   if k in values}
+        scalars = self._scalars(split, values)
+        if self.configured_variant is not None:
+            by_name = {self.configured_variant: values}
+            for name in self._variant_names:
+                variant = self.variant_metrics[f"{split}_{name}"]
+                by_name[name] = variant.compute()
+                variant.reset()
+            for name, result in by_name.items():
+                self.last_variant_metrics.setdefault(name, {})[split] = {k: v.detach() for k, v in result.items()}
+                scalars.update(self._scalars(f"{split}_{name}", result))
         # Already reduced across ranks by torchmetrics; sync_dist only tells Lightning they are global.
         self.log_dict(scalars, prog_bar=False, sync_dist=True)
         metrics.reset()
+
+    @staticmethod
+    def _scalars(prefix: str, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {f"{prefix}/{k}": values[k] for k in ("top1", "mean_class_acc", "many_acc", "medium_acc", "few_acc")
+                if k in values}
 
     # ------------------------------------------------------------ end of run
     def on_run_end(self, output_dir: Path) -> dict[str, Any]:

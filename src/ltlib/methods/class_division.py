@@ -10,7 +10,7 @@ Plain functions and one frozen dataclass, usable without Lightning:
   ``offsets[c] .. offsets[c] + u_c - 1``);
 * :func:`assign_clusters` — random splitting, k-means or hierarchical clustering of every class;
 * :func:`soft_cluster_targets` / :func:`class_spread_targets` — the soft labels q of eq. 4;
-* :func:`cluster_to_class_logits` — K cluster logits to C class logits (``sum_prob`` or ``max_logit``);
+* :func:`cluster_to_class_logits` — K cluster logits to C class logits (``max_logit`` or ``sum_prob``);
 * :func:`per_class_norms` — one weight norm per class from the K cluster weight norms (figure 3).
 """
 
@@ -26,7 +26,7 @@ from torch import Tensor
 from ltlib.errors import LtlibError, check_in_range, unknown_name
 
 CLUSTERINGS = ("random", "kmeans", "hierarchical")
-PREDICTION_RULES = ("sum_prob", "max_logit")
+PREDICTION_RULES = ("max_logit", "sum_prob")
 NORM_REDUCTIONS = ("mean", "max")
 
 
@@ -193,12 +193,14 @@ def class_spread_targets(class_targets: Tensor, cluster_to_class: Tensor, cluste
     return same_class / u.unsqueeze(1)
 
 
-def cluster_to_class_logits(cluster_logits: Tensor, cluster_index: Tensor, rule: str = "sum_prob") -> Tensor:
+def cluster_to_class_logits(cluster_logits: Tensor, cluster_index: Tensor, rule: str = "max_logit") -> Tensor:
     """Map ``[B, K]`` cluster logits to ``[B, C]`` class scores.
 
-    * ``sum_prob``: ``log sum_{k in c} exp(z_k)``, whose softmax over classes is exactly the sum of the
-      class's cluster probabilities under the K-way softmax;
-    * ``max_logit``: ``max_{k in c} z_k``, i.e. the class of the most probable cluster.
+    * ``max_logit`` (default): ``max_{k in c} z_k``, i.e. the class of the most probable cluster;
+    * ``sum_prob``: ``s_c = log sum_{k in c} exp(z_k)``, whose softmax over classes is exactly the sum of
+      the class's cluster probabilities under the K-way softmax. With eq. 4's labels the K-way loss is
+      cross-entropy on these ``s_c`` plus a within-class term, so its decision is the one of a class-level
+      cross-entropy classifier (``docs/methods/two_head.md``, section 5).
 
     ``cluster_index`` is :meth:`ClassDivision.cluster_index` (padding id ``K``).
     """

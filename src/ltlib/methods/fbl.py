@@ -1,4 +1,4 @@
-"""Feature-balanced loss (FBL; Li, Cheung and Jiang, ICASSP 2022) as an end-to-end training method.
+"""Feature-balanced loss (FBL; Li, Cheung and Jiang) as an end-to-end training method.
 
 A zoo backbone and a linear classifier trained with :class:`~ltlib.losses.FeatureBalancedLoss`:
 every logit is lowered by ``alpha(t) * lambda * s_j / ||f||`` (eq. 5) during training, so tail-class

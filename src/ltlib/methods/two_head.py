@@ -50,7 +50,7 @@ from ltlib.methods.standard import CLASS_WEIGHTINGS, make_class_weights
 
 log = logging.getLogger("ltlib")
 
-CHANNEL_ASSIGNMENTS = ("auto", "split", "cyclic", "projection")
+CHANNEL_ASSIGNMENTS = ("auto", "split", "split_floor", "cyclic", "projection")
 CLUSTER_SOURCES = ("warmup", "initial", "checkpoint")
 PREDICT_HEADS = ("main", "both", "fbh")
 
@@ -72,6 +72,10 @@ class FeatureBalancingHead(nn.Module):
 
     * ``split``: ``D`` must be a multiple of ``C``; class ``c`` owns channels ``c m .. c m + m - 1`` of
       the backbone map (``m = D / C``) — exactly the paper's head;
+    * ``split_floor``: ``D >= C``; class ``c`` owns backbone channels ``c m .. c m + m - 1`` with
+      ``m = D // C`` (or ``channels_per_class``, at most ``D // C``): eq. 1 on the first ``m C``
+      channels, every class with ``m`` unique channels of the backbone's own map; the ``D - m C``
+      left-over channels feed the main head only (``cyclic`` with ``m C <= D``, without the gather);
     * ``cyclic``: class ``c`` reads backbone channels ``(c m + j) mod D`` for ``j < m`` (default
       ``m = max(1, D // C)``): unique channels when ``m C <= D`` (the ``D mod C`` left-over channels feed
       the main head only), channels shared by up to ``ceil(m C / D)`` classes when ``D < m C``;
@@ -79,13 +83,15 @@ class FeatureBalancingHead(nn.Module):
       (default ``m = ceil(D / C)``) that are then split as in ``split``; every class owns ``m`` unique
       channels of the projected map. The nonlinearity matters: without it, projection, grouped
       convolution and pooling compose to one unconstrained linear map of ``F``;
-    * ``auto`` (default): ``split`` when ``D`` is a multiple of ``C``, else ``projection``.
+    * ``auto`` (default): ``split`` when ``D`` is a multiple of ``C``, else ``split_floor`` when
+      ``D >= C``, else (``D < C``: no unique backbone channel for every class) ``projection``.
 
     Args:
         in_channels: ``D``, channels of the backbone's feature map.
         num_classes: ``C``.
         channel_assignment: see above.
-        channels_per_class: ``m`` for ``cyclic`` and ``projection`` (``split`` fixes it to ``D / C``).
+        channels_per_class: ``m`` for ``split_floor``, ``cyclic`` and ``projection`` (``split`` fixes it
+            to ``D / C``).
         kernel_size: spatial size of every class kernel ``K_c`` (odd; zero padding keeps ``H x W``).
     """
 
@@ -100,7 +106,8 @@ class FeatureBalancingHead(nn.Module):
             raise LtlibError(f"fbh_kernel_size={kernel_size} is invalid; allowed: an odd integer >= 1")
         mode = channel_assignment
         if mode == "auto":
-            mode = "split" if in_channels % num_classes == 0 else "projection"
+            mode = ("split" if in_channels % num_classes == 0
+                    else "split_floor" if in_channels >= num_classes else "projection")
         if mode == "split":
             if in_channels % num_classes:
                 raise LtlibError(f"channel_assignment=split needs the feature channels D={in_channels} to be a "
@@ -109,12 +116,23 @@ class FeatureBalancingHead(nn.Module):
             if channels_per_class not in (None, width):
                 raise LtlibError(f"channels_per_class={channels_per_class} contradicts channel_assignment=split, "
                                  f"which gives D / C = {width}; leave it null or use cyclic / projection")
+        elif mode == "split_floor":
+            if in_channels < num_classes:
+                raise LtlibError(f"channel_assignment=split_floor needs at least one feature channel per class "
+                                 f"(D={in_channels} < C={num_classes}); allowed here: cyclic, projection, auto")
+            width = channels_per_class or in_channels // num_classes
+            if width * num_classes > in_channels:
+                raise LtlibError(f"channels_per_class={width} gives {width * num_classes} channels but D="
+                                 f"{in_channels} (channel_assignment={channel_assignment}); allowed: at most "
+                                 f"D // C = {in_channels // num_classes}, or use cyclic / projection")
         elif mode == "cyclic":
             width = channels_per_class or max(1, in_channels // num_classes)
         else:
             width = channels_per_class or math.ceil(in_channels / num_classes)
         self.in_channels, self.num_classes = in_channels, num_classes
+        #: the resolved mode (never ``auto``) and the option as given
         self.channel_assignment, self.channels_per_class = mode, width
+        self.requested_assignment = channel_assignment
         grouped_channels = width * num_classes
         self.project: nn.Module | None = None
         if mode == "projection":
@@ -126,8 +144,8 @@ class FeatureBalancingHead(nn.Module):
                                  groups=num_classes)
 
     def group_channels(self, c: int) -> list[int]:
-        """Channels class ``c``'s kernel reads: of the backbone map (``split``, ``cyclic``) or of the
-        projected map (``projection``)."""
+        """Channels class ``c``'s kernel reads: of the backbone map (``split``, ``split_floor``, ``cyclic``)
+        or of the projected map (``projection``)."""
         channels = range(c * self.channels_per_class, (c + 1) * self.channels_per_class)
         if self.channel_assignment == "cyclic":
             return [j % self.in_channels for j in channels]
@@ -139,7 +157,17 @@ class FeatureBalancingHead(nn.Module):
             return self.project(fmap)
         if self.channel_index is not None:
             return fmap.index_select(1, self.channel_index)
+        if self.channel_assignment == "split_floor":
+            return fmap[:, :self.channels_per_class * self.num_classes]
         return fmap
+
+    @property
+    def unused_channels(self) -> list[int]:
+        """Backbone channels the head never reads (they feed the main head only): the ``D - m C``
+        left-over channels of ``split_floor`` and of ``cyclic`` with ``m C < D``; none otherwise."""
+        if self.project is not None:
+            return []
+        return list(range(min(self.channels_per_class * self.num_classes, self.in_channels), self.in_channels))
 
     def classify_groups(self, grouped: Tensor) -> Tensor:
         """``z_c = GAP(grouped_c * K_c)`` for a map laid out as :meth:`grouped_input` returns it."""
@@ -153,8 +181,11 @@ class FeatureBalancingHead(nn.Module):
         return self.grouped.weight.detach().float().flatten(1).norm(dim=1).cpu()
 
     def extra_repr(self) -> str:
-        return (f"D={self.in_channels}, C={self.num_classes}, channel_assignment={self.channel_assignment!r}, "
-                f"channels_per_class={self.channels_per_class}")
+        requested = (f" (from {self.requested_assignment!r})"
+                     if self.requested_assignment != self.channel_assignment else "")
+        return (f"D={self.in_channels}, C={self.num_classes}, channel_assignment={self.channel_assignment!r}"
+                f"{requested}, channels_per_class={self.channels_per_class}, "
+                f"unused_channels={len(self.unused_channels)}")
 
 
 class TwoHeadModel(LongTailMethod):
@@ -177,14 +208,21 @@ class TwoHeadModel(LongTailMethod):
         cluster_checkpoint: the file for ``cluster_on=checkpoint``.
         cluster_seed: seed of the random splitting and of k-means (the run's ``seed`` in the configs).
         channel_assignment, channels_per_class, fbh_kernel_size: see :class:`FeatureBalancingHead`.
-        prediction: K -> C mapping, ``sum_prob`` (sum of the class's cluster probabilities) or
-            ``max_logit`` (the class of the best cluster).
+        prediction: K -> C mapping, ``max_logit`` (the class of the best cluster; default, the paper's
+            "correspondence between the K clusters and the original C classes") or ``sum_prob`` (sum of the
+            class's cluster probabilities). Validation and test evaluate both rules from one forward pass:
+            the configured one gives ``val/*`` / ``test/*``, each is also logged as ``val_<rule>/*`` /
+            ``test_<rule>/*`` and written to ``results.json`` as ``metrics_by_prediction`` (not with
+            ``predict_heads=fbh`` or when no class is divided, where the rules do not apply or coincide).
         predict_heads: what validation and test use: ``main`` (the CDH, as the paper says), ``both``
             (mean of the two heads' class probabilities) or ``fbh``.
         mixup_alpha: mixup's Beta(alpha, alpha); 0 disables mixup ("Ours-Full" uses it).
         class_weighting: ``none``, ``class_balanced`` (Cui et al., "Ours-Full") or ``inverse_frequency``.
         beta: Cui et al.'s beta for ``class_balanced``.
-        reweight_start_epoch: first epoch (0-based) the class weights apply (0: from the start).
+        reweight_from_epoch: first epoch (0-based) whose loss uses the class weights: ``null`` (default)
+            defers them, DRW-style, to epoch ``floor(0.8 * trainer.max_epochs)`` (160 of 200, 72 of 90; 0
+            outside a Trainer, where ``max_epochs`` reads 1); ``0`` weights from the start; any other
+            integer is that epoch (the baselines' option of the same name, e.g. ``ce_drw``'s 160).
         Remaining arguments: see :class:`~ltlib.methods.base.LongTailMethod`.
     """
 
@@ -211,14 +249,18 @@ class TwoHeadModel(LongTailMethod):
         channel_assignment: str = "auto",
         channels_per_class: int | None = None,
         fbh_kernel_size: int = 3,
-        prediction: str = "sum_prob",
+        prediction: str = "max_logit",
         predict_heads: str = "main",
         mixup_alpha: float = 0.0,
         class_weighting: str = "none",
         beta: float = 0.9999,
-        reweight_start_epoch: int = 0,
+        reweight_from_epoch: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if "reweight_start_epoch" in kwargs:
+            raise LtlibError(f"reweight_start_epoch={kwargs['reweight_start_epoch']!r}: the option is now "
+                             "reweight_from_epoch; allowed: null (deferred to 80% of trainer.max_epochs), "
+                             "0 (from the start) or an epoch >= 0")
         u = _check_positive_int("u", u)
         alpha = check_alpha(alpha)
         check_in_range("lambda_fbh", lambda_fbh, 0.0)
@@ -246,7 +288,7 @@ class TwoHeadModel(LongTailMethod):
         check_in_range("mixup_alpha", mixup_alpha, 0.0)
         if class_weighting not in CLASS_WEIGHTINGS:
             raise unknown_name("class_weighting", class_weighting, CLASS_WEIGHTINGS)
-        _check_positive_int("reweight_start_epoch", reweight_start_epoch, 0)
+        reweight_from_epoch = _check_positive_int("reweight_from_epoch", reweight_from_epoch, 0, optional=True)
         # The K-way classifier built by the base class needs the division first.
         self.division = ClassDivision.from_counts(class_counts, u if class_division else 1)
         super().__init__(backbone, num_classes, class_counts, optim, **kwargs)
@@ -257,7 +299,7 @@ class TwoHeadModel(LongTailMethod):
         self.cluster_seed = int(cluster_seed)
         self.prediction, self.predict_heads = prediction, predict_heads
         self.mixup_alpha = float(mixup_alpha)
-        self.class_weighting, self.reweight_start_epoch = class_weighting, int(reweight_start_epoch)
+        self.class_weighting, self.reweight_from_epoch = class_weighting, reweight_from_epoch
 
         self.fbh = (FeatureBalancingHead(backbone.out_dim, num_classes, channel_assignment, channels_per_class,
                                          fbh_kernel_size) if feature_balancing else None)
@@ -267,6 +309,8 @@ class TwoHeadModel(LongTailMethod):
         self.register_buffer("clusters_per_class",
                              torch.tensor(division.clusters_per_class, dtype=torch.long), persistent=False)
         self.register_buffer("cluster_index", division.cluster_index(), persistent=False)
+        if predict_heads != "fbh" and self.needs_clusters:  # the other K -> C rule, from the same logits
+            self.add_evaluation_variants("prediction", prediction, PREDICTION_RULES)
         self.register_buffer("class_weights", make_class_weights(class_weighting, class_counts, beta),
                              persistent=False)
         # Saved in checkpoints so that a resumed run keeps its clusters: the cluster id of every
@@ -285,8 +329,8 @@ class TwoHeadModel(LongTailMethod):
             "channel_assignment": channel_assignment, "channels_per_class": channels_per_class,
             "fbh_kernel_size": fbh_kernel_size, "prediction": prediction, "predict_heads": predict_heads,
             "mixup_alpha": mixup_alpha, "class_weighting": class_weighting, "beta": beta,
-            "reweight_start_epoch": reweight_start_epoch, "num_clusters": division.num_clusters,
-        })
+            "reweight_from_epoch": reweight_from_epoch,
+        })  # only constructor arguments: load_from_checkpoint passes them back to __init__
 
     # ----------------------------------------------------------------- model
     def build_classifier(self, in_features: int, num_classes: int) -> nn.Module:
@@ -312,15 +356,29 @@ class TwoHeadModel(LongTailMethod):
 
     def forward(self, images: Tensor) -> Tensor:
         """``[B, C]`` class scores from ``predict_heads`` (the K cluster outputs mapped by ``prediction``)."""
+        return self.class_scores(images, (self.prediction,))[self.prediction]
+
+    def evaluate_variants(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The configured rule's class scores and those of the other K -> C rule, from one forward pass."""
+        scores = self.class_scores(images, (self.prediction, *self.evaluation_variants))
+        return scores.pop(self.prediction), scores
+
+    def class_scores(self, images: Tensor, rules: Sequence[str]) -> dict[str, Tensor]:
+        """``{rule: [B, C] class scores}`` of ``predict_heads`` for each K -> C rule, from one forward pass.
+        With ``both`` the rule maps the main head's K logits before they are averaged with the FBH; ``fbh``
+        does not use the main head (every rule gives the FBH's logits)."""
         fmap = self.backbone.forward_features(images)
         if self.predict_heads == "fbh":
-            return self.fbh(fmap)
-        main = cluster_to_class_logits(self.classifier(self.backbone.pool(fmap)), self.cluster_index,
-                                       self.prediction)
+            fbh = self.fbh(fmap)
+            return dict.fromkeys(rules, fbh)
+        cluster_logits = self.classifier(self.backbone.pool(fmap))
+        main = {rule: cluster_to_class_logits(cluster_logits, self.cluster_index, rule) for rule in rules}
         if self.predict_heads == "main":
             return main
         # "both": log of the mean of the two heads' class probabilities
-        return torch.logaddexp(F.log_softmax(main, dim=1), F.log_softmax(self.fbh(fmap), dim=1)) - math.log(2.0)
+        fbh_log_prob = F.log_softmax(self.fbh(fmap), dim=1)
+        return {rule: torch.logaddexp(F.log_softmax(scores, dim=1), fbh_log_prob) - math.log(2.0)
+                for rule, scores in main.items()}
 
     # -------------------------------------------------------------- training
     def compute_loss(self, batch: Any) -> Tensor:
@@ -365,15 +423,36 @@ class TwoHeadModel(LongTailMethod):
             return class_spread_targets(targets, self.cluster_to_class, self.clusters_per_class)
         if indices is None:
             raise LtlibError(f"{type(self).__name__} needs (images, targets, indices) training batches to look up "
-                             "each image's cluster; LongTailDataModule provides them (train_with_index)")
+                             "each image's cluster; LongTailDataModule provides them (train_with_index), another "
+                             "loader needs a dataset whose items are (image, target, index), index the image's "
+                             "position in the targets given to fit_clusters")
         return soft_cluster_targets(self.cluster_assignment[indices], self.cluster_to_class, self.clusters_per_class,
                                     self.alpha)
 
+    @property
+    def reweight_epoch(self) -> int:
+        """The first epoch (0-based) whose loss uses the class weights: ``reweight_from_epoch``, or when it
+        is null (deferred, Cao et al.'s DRW rule: re-weight from the first learning-rate decay) the first
+        multistep milestone inside the run (120 of the CIFAR recipe's 120 / 160; 160 of LDAM-DRW's
+        160 / 180), else, e.g. with a cosine schedule, ``floor(0.8 * max_epochs)`` (72 of 90)."""
+        if self.reweight_from_epoch is not None:
+            return self.reweight_from_epoch
+        if self.optim.schedule == "multistep":
+            inside = [m for m in self.optim.milestones if 0 < m < self.max_epochs]
+            if inside:
+                return min(inside)
+        return self.max_epochs * 4 // 5
+
     def active_class_weights(self) -> Tensor | None:
-        """The per-class loss weights in force this epoch (None before ``reweight_start_epoch``)."""
-        if self.class_weights is None or self.current_epoch < self.reweight_start_epoch:
+        """The per-class loss weights in force this epoch (None before :attr:`reweight_epoch`)."""
+        if self.class_weights is None or self.current_epoch < self.reweight_epoch:
             return None
         return self.class_weights
+
+    def on_train_start(self) -> None:
+        if self.class_weights is not None and self.reweight_epoch >= self.max_epochs:
+            log.warning("reweight_from_epoch=%d >= max_epochs=%d: the class weights never switch on",
+                        self.reweight_epoch, self.max_epochs)
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
@@ -387,10 +466,13 @@ class TwoHeadModel(LongTailMethod):
     def on_fit_start(self) -> None:
         if not self.needs_clusters:
             return
-        targets = self._train_targets()
-        if self.is_clustered:  # restored from a checkpoint
-            self._check_assignment(self.cluster_assignment.cpu(), targets)
+        if self.is_clustered:  # restored from a checkpoint, or set by fit_clusters
+            # checked against the DataModule's labels when there is one; a plain DataLoader is fine
+            targets = self._train_targets(required=False)
+            if targets is not None:
+                self._check_assignment(self.cluster_assignment.cpu(), targets)
             return
+        targets = self._train_targets()
         waits = self.clustering != "random" and self.cluster_on == "warmup"
         if waits and self.cluster_warmup_epochs >= self.max_epochs:
             raise LtlibError(f"cluster_warmup_epochs={self.cluster_warmup_epochs} leaves no epoch to train on the "
@@ -401,10 +483,17 @@ class TwoHeadModel(LongTailMethod):
     def on_train_epoch_start(self) -> None:
         if self.needs_clusters and not self.is_clustered and self.current_epoch >= self.cluster_warmup_epochs:
             self._cluster(self._train_targets())
+        if self.class_weights is not None:
+            on = float(self.active_class_weights() is not None)
+            self.log("train/class_weights_on", on, on_step=False, on_epoch=True)
 
     def fit_clusters(self, targets: Sequence[int] | np.ndarray, features: np.ndarray | None = None) -> Tensor:
         """Divide the training images (classes ``targets``, in dataset order) into clusters with
-        ``clustering`` and ``cluster_seed``, store and return the assignment (usable without a Trainer)."""
+        ``clustering`` and ``cluster_seed``, store and return the assignment (usable without a Trainer).
+
+        Training can then run on any loader whose batches are ``(images, targets, indices)``, ``indices``
+        the images' positions in ``targets`` (a LongTailDataModule is not needed; with one, its training
+        labels must match ``targets``)."""
         targets = np.asarray(targets, dtype=np.int64)
         assignment = torch.as_tensor(assign_clusters(targets, self.division, self.clustering, features,
                                                      self.cluster_seed))
@@ -447,15 +536,19 @@ class TwoHeadModel(LongTailMethod):
                  self.num_classes, self.num_clusters, self.u, self.clustering, int(self.clustered_epoch),
                  int(sizes.min()), int(sizes.max()))
 
-    def _datamodule(self) -> Any:
+    def _datamodule(self, required: bool = True) -> Any:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "train_targets"):
+            if not required:
+                return None
             raise LtlibError(f"{type(self).__name__} reads the training labels from a LongTailDataModule; call "
-                             "fit_clusters(targets) before training with another data source")
+                             "fit_clusters(targets) before training with another data source, whose batches must "
+                             "then be (images, targets, indices), indices the images' positions in targets")
         return datamodule
 
-    def _train_targets(self) -> np.ndarray:
-        return np.asarray(self._datamodule().train_targets, dtype=np.int64)
+    def _train_targets(self, required: bool = True) -> np.ndarray | None:
+        datamodule = self._datamodule(required)
+        return None if datamodule is None else np.asarray(datamodule.train_targets, dtype=np.int64)
 
     def _clustering_features(self) -> np.ndarray:
         """l2-normalised pooled features of every training image (evaluation transform, dataset order)."""
@@ -530,9 +623,16 @@ class TwoHeadModel(LongTailMethod):
                 "cluster_sizes": sizes,
             },
             "feature_balancing_head": None if self.fbh is None else {
-                "channel_assignment": self.fbh.channel_assignment,
+                "channel_assignment": self.fbh.channel_assignment,  # resolved: never "auto"
+                "channel_assignment_option": self.fbh.requested_assignment,
                 "channels_per_class": self.fbh.channels_per_class,
                 "in_channels": self.fbh.in_channels,
+                "unused_channels": len(self.fbh.unused_channels),
+            },
+            "class_reweighting": None if self.class_weights is None else {
+                "class_weighting": self.class_weighting,
+                "schedule": "deferred" if self.reweight_from_epoch is None else "fixed",
+                "from_epoch": self.reweight_epoch,
             },
         }
 
