@@ -53,7 +53,7 @@ def compose(*overrides: str) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from ltlib.run import config_dir
+    from ltlib.config import config_dir
 
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
@@ -80,15 +80,11 @@ def synthetic_source(num_classes: int = 10, max_count: int = 5000, size: int = 3
 
 
 def build_method(cfg: Any, datamodule: Any) -> Any:
-    """The LightningModule exactly as ``ltlib.run`` builds it from ``cfg``."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    """The LightningModule exactly as ``ltlib.run`` builds it from ``cfg`` (:func:`ltlib.runs.build_method`)."""
+    from ltlib.runs import build_method as build
 
-    backbone = instantiate(cfg.backbone, in_chans=datamodule.in_chans)
-    return instantiate(cfg.method)(
-        backbone=backbone, num_classes=datamodule.num_classes, class_counts=datamodule.class_counts,
-        class_names=datamodule.class_names, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        many_threshold=cfg.many_threshold, few_threshold=cfg.few_threshold)
+    return build(cfg.method, cfg.optim, datamodule, cfg.backbone, many_threshold=cfg.many_threshold,
+                 few_threshold=cfg.few_threshold)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -238,7 +238,7 @@ def run_callbacks(cfg: Any) -> list[Callback]:
 
     callbacks: list[Callback] = [LearningRateMonitor("epoch")]
     try:
-        from ltlib.callbacks import EpochSeeding, NonFiniteLossGuard
+        from ltlib.training.callbacks import EpochSeeding, NonFiniteLossGuard
     except ImportError:  # an ltlib without the fault-tolerance callbacks
         return callbacks
     return [*callbacks, EpochSeeding(cfg.seed), NonFiniteLossGuard(int(cfg.trainer.get("log_every_n_steps") or 50))]
@@ -383,14 +383,14 @@ def make_datamodule(cfg: Any, args: argparse.Namespace) -> Any:
 def speed_settings(cfg: Any) -> Any:
     from omegaconf import OmegaConf
 
-    from ltlib.speed import SpeedSettings
+    from ltlib.training.speed import SpeedSettings
 
     return SpeedSettings.from_mapping(OmegaConf.to_container(cfg.trainer.get("speed") or {}, resolve=True))
 
 
 def measure_method(name: str, args: argparse.Namespace, root: Path) -> tuple[list[Segment], dict[str, Any]]:
     from ltlib.methods.class_division import soft_cluster_targets
-    from ltlib.speed import apply_speed_settings
+    from ltlib.training.speed import apply_speed_settings
 
     device = args.device
     cfg = compose(f"method={name}", *trainer_overrides(args))

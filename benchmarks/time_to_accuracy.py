@@ -3,7 +3,7 @@
 Each run is ``python -m ltlib.run`` in a fresh process (CE and BBN on ResNet-32, CIFAR-10-LT with
 imbalance ratio 100 from the real CIFAR-10 images of ``../shared/data/cifar10``, 200 epochs, the test
 set evaluated after every epoch as the official BBN code does), with the ``timing`` callback
-(:class:`ltlib.speed.PhaseTimer`) breaking the time down into data, training (forward/backward and
+(:class:`ltlib.training.speed.PhaseTimer`) breaking the time down into data, training (forward/backward and
 optimiser), evaluation and compile warm-up.
 
     python benchmarks/time_to_accuracy.py                      # GPU: trainer=gpu_fast, data on the GPU

@@ -15,7 +15,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from tests.conftest import run_cli
 from tests.scaling_runs import (
@@ -30,15 +29,17 @@ from tests.scaling_runs import (
 )
 from torch.utils.data import DataLoader, TensorDataset
 
-from ltlib.callbacks import (
+from ltlib.config import compose
+from ltlib.errors import LtlibError
+from ltlib.runs import config_differences, resolve_checkpoint
+from ltlib.training.callbacks import (
     AtomicCheckpointIO,
     ConfigInCheckpoint,
     EpochSeeding,
     NonFiniteLossGuard,
     remove_partial_checkpoints,
 )
-from ltlib.errors import LtlibError
-from ltlib.run import carry_over_metrics_log, config_differences, config_dir, resolve_checkpoint
+from ltlib.training.train import carry_over_metrics_log
 
 #: these tests set Hydra's global HydraConfig, as a running job has it
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_hydra_config")]
@@ -64,7 +65,7 @@ def test_killed_and_terminated_run_resumes_to_the_uninterrupted_result(tmp_path)
     killed.communicate()
     assert killed.returncode == -signal.SIGKILL
     assert not (run_dir / "results.json").exists()
-    from ltlib.run_status import describe_unfinished
+    from ltlib.runs import describe_unfinished
 
     status, reason = describe_unfinished(run_dir)  # killed without a word: its status still says running
     assert status == "failed" and reason.startswith("stopped without finishing"), reason
@@ -234,8 +235,7 @@ def _config(*overrides: str):
     """The run's config as the task function sees it (Hydra's runtime set, no hydra node)."""
     from omegaconf import open_dict
 
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        config = compose("config", overrides=list(overrides), return_hydra_config=True)
+    config = compose(overrides, hydra_node=True)
     HydraConfig.instance().set_config(config)
     with open_dict(config):
         del config["hydra"]

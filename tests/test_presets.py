@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision import transforms as T
 
+from ltlib.config import config_dir
 from ltlib.methods.base import OptimConfig
-from ltlib.run import config_dir
 
 # Per-channel statistics as written in the official BBN, FBL and LDAM-DRW CIFAR code (CIFAR-10's, used
 # for CIFAR-100 too), and CIFAR-100's own training-set statistics.
@@ -106,7 +106,7 @@ def test_bad_classifier_weight_init_is_a_one_line_error_with_exit_status_2(tiny_
     proc = run_cli(*tiny_run_args, "method.classifier_weight_init=xavier")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "ltlib: error: method.classifier_weight_init='xavier' is not allowed; use one of auto, pytorch, kaiming_normal, "
+        "ltlib: error: unknown method.classifier_weight_init 'xavier'; available: auto, kaiming_normal, pytorch, "
         "xavier_uniform")
 
 
@@ -172,7 +172,7 @@ def test_cifar100_own_statistics_are_a_named_option():
     (["data.normalization=null", "data.mean=[0.5,0.5,0.5]"], "give both lists or neither"),
 ])
 def test_bad_normalization_is_a_one_line_error(overrides, message):
-    from ltlib.run import find_user_error
+    from ltlib.errors import find_user_error
 
     with pytest.raises(Exception) as caught:
         instantiate(compose_cfg("data=cifar100_lt", *overrides).data)

@@ -45,15 +45,12 @@ def documented_run_commands() -> list[tuple[str, str]]:
 def test_every_documented_run_command_composes():
     """The overrides of each command in README, BENCHMARKS and docs/ compose into a config (a sweep: the first
     value of each list), so no documented command has a stale key, a placeholder or an unknown option."""
-    from hydra import compose, initialize_config_dir
-
-    from ltlib.run import config_dir
+    from ltlib.config import compose
 
     commands = documented_run_commands()
     assert len(commands) >= 40 and sum(doc == "README.md" for doc, _ in commands) >= 10
     for doc, command in commands:
         overrides = [word for word in shlex.split(command)[3:] if word != "-m"]
         overrides = [re.sub(r"=([^\[,]+),.*$", r"=\1", word) for word in overrides]  # a=x,y -> a=x
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        cfg = compose(overrides, hydra_node=True)
         assert cfg.method._target_.startswith("ltlib.methods"), (doc, command)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
-from ltlib import report
+from ltlib import report as report_cli
+from ltlib.analysis import report
+from ltlib.analysis.published import find_published, published_results
+from ltlib.config import config_dir
 from ltlib.data.samplers import list_samplers
-from ltlib.published import find_published, published_results
-from ltlib.run import config_dir
 from ltlib.schedules import list_schedules
 
 CONFIGS = Path(config_dir())
@@ -264,7 +265,7 @@ def test_file_lists_meet_published_numbers_under_their_dataset_name(tmp_path):
     assert len(aliased) == 1 and len(aliased[0].runs) == 2  # the alias makes them one cell
     assert ("bbn Table 2", 33.71) in {(p.source, p.value) for p in aliased[0].published}
 
-    assert report.main([str(root), "-o", str(tmp_path / "cli")]) == 0
+    assert report_cli.main([str(root), "-o", str(tmp_path / "cli")]) == 0
     with open(tmp_path / "cli" / "report.csv") as handle:
         rows = {row["dataset"]: row for row in csv.DictReader(handle)}
     assert rows["filelist"]["published_reason"] == plain_filelist.published_reason
@@ -313,11 +314,11 @@ def test_expected_jobs_expand_the_sweeper_params_and_command_line(tmp_path):
 
 
 def test_cli_writes_the_report_and_rejects_bad_input(sweep, tmp_path, capsys):
-    assert report.main([str(sweep), "-o", str(tmp_path / "r")]) == 0
+    assert report_cli.main([str(sweep), "-o", str(tmp_path / "r")]) == 0
     assert "| ce | cifar10_lt | 100 | resnet32 | 200 | 3 |" in capsys.readouterr().out
-    assert report.main([str(tmp_path / "nowhere")]) == 2
+    assert report_cli.main([str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
-    assert report.main([str(sweep), "--alias", "folder"]) == 2
+    assert report_cli.main([str(sweep), "--alias", "folder"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ltlib: error:") and "'folder'" in err[0]
 
@@ -379,7 +380,7 @@ def test_published_entries_name_real_methods_options_and_datasets():
 
 
 def test_recipes_and_notes_of_the_data_file_are_well_formed():
-    from ltlib.published import RECIPE_KEYS, implementation_options
+    from ltlib.analysis.published import RECIPE_KEYS, implementation_options
 
     method_options = {p.stem: set(report.default_method_config(p.stem) or {})
                       for p in (CONFIGS / "method").glob("*.yaml")}
@@ -424,7 +425,8 @@ def test_each_preset_meets_its_own_table_row(overrides, method, expected, absent
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from ltlib.study import compose_run_config, restored_hydra_state
+    from ltlib.analysis.study import compose_run_config
+    from ltlib.config import restored_hydra_state
 
     cfg = compose_run_config([*overrides, "data.root=/data"], tmp_path / "run")
     with restored_hydra_state():
@@ -444,7 +446,7 @@ def test_unfinished_runs_say_what_happened_to_them(tmp_path):
     import subprocess
     import sys
 
-    from ltlib.run_status import write_run_status
+    from ltlib.runs import write_run_status
 
     root = tmp_path / "sweep"
     for seed, top1 in enumerate([0.70, None, None, None, None]):
@@ -470,7 +472,7 @@ def test_unfinished_runs_say_what_happened_to_them(tmp_path):
 
 
 def test_run_status_rejects_unknown_states_and_ignores_unreadable_files(tmp_path):
-    from ltlib.run_status import describe_unfinished, read_run_status, write_run_status
+    from ltlib.runs import describe_unfinished, read_run_status, write_run_status
 
     with pytest.raises(ValueError, match="unknown run status 'done'"):
         write_run_status(tmp_path, "done")

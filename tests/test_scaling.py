@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from tests.conftest import run_cli
@@ -23,15 +22,14 @@ from tests.scaling_runs import (
     step_series,
 )
 
-from ltlib.run import config_dir
+from ltlib.config import compose
 
 #: these tests set Hydra's global HydraConfig, as a running job has it
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_hydra_config")]
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        config = compose("config", overrides=list(overrides), return_hydra_config=True)
+    config = compose(overrides, hydra_node=True)
     HydraConfig.instance().set_config(config)
     return config
 
@@ -75,7 +73,7 @@ def test_a_rank_whose_launcher_was_killed_exits_on_its_own(tmp_path):
     """A DDP worker (LOCAL_RANK set) of a launcher killed with SIGKILL would wait in a collective operation
     until its timeout, holding its device; ltlib.run's watchdog makes it exit within seconds."""
     pid_file = tmp_path / "worker.pid"
-    worker = (f"import os, time; from ltlib.run import exit_when_orphaned; exit_when_orphaned(0.1); "
+    worker = (f"import os, time; from ltlib.training.train import exit_when_orphaned; exit_when_orphaned(0.1); "
               f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
     launcher = (f"import os, subprocess, sys, time; "
                 f"subprocess.Popen([sys.executable, '-c', {worker!r}], env={{**os.environ, 'LOCAL_RANK': '1'}}); "
@@ -106,7 +104,7 @@ def test_a_sweep_cannot_start_ddp_processes_through_lightning():
     restart the sweep; ltlib.run refuses (one-line LtlibError) where processes come from Lightning."""
     import lightning as L
 
-    from ltlib.run import _relaunches_script
+    from ltlib.training.train import _relaunches_script
 
     _compose("hydra.mode=MULTIRUN")
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)

@@ -17,7 +17,7 @@ from ltlib.backbones import create_backbone
 from ltlib.errors import LtlibError
 from ltlib.methods import StandardClassifier
 from ltlib.methods.bbn import BBN
-from ltlib.speed import (
+from ltlib.training.speed import (
     FastTraining,
     SpeedSettings,
     apply_speed_settings,

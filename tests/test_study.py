@@ -16,7 +16,9 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from tests.conftest import run_cli
 
-from ltlib import analyze, report, study
+from ltlib import analyze as analyze_cli
+from ltlib import study as study_cli
+from ltlib.analysis import report, study
 from ltlib.errors import LtlibError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -99,7 +101,7 @@ def test_rerun_reuses_stage1_and_adds_a_transfer_grid_through_subprocesses(smoke
     checkpoint = out / "stage1" / "ce" / "checkpoints" / "best.ckpt"
     before = checkpoint.stat().st_mtime_ns
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    code = study.main(["decoupled", "--runner", "subprocess", "--output-dir", str(out), "--representations", "ce",
+    code = study_cli.main(["decoupled", "--runner", "subprocess", "--output-dir", str(out), "--representations", "ce",
                        "--classifiers", "rs", "--no-source", "--transfer", "data=digits_lt data.imbalance_ratio=5",
                        *COMMON, "--stage2", "data.batch_size=32"])
     assert code == 0, capsys.readouterr().err[-2000:]
@@ -121,7 +123,7 @@ def test_rerun_reuses_stage1_and_adds_a_transfer_grid_through_subprocesses(smoke
 def test_analyze_recomputes_each_run_and_sees_the_shared_representation(smoke_study, tmp_path):
     runs = [smoke_study / "stage1" / m for m in ("ce", "rw", "rs")]
     crt = smoke_study / "stage2" / "same" / "repr-ce_clf-rs"
-    assert analyze.main([*map(str, runs), str(crt), "-o", str(tmp_path), "--device", "cpu"]) == 0
+    assert analyze_cli.main([*map(str, runs), str(crt), "-o", str(tmp_path), "--device", "cpu"]) == 0
     with open(tmp_path / "diagnostics.csv") as handle:
         rows = list(csv.DictReader(handle))
     by_run: dict[str, list[dict]] = {}
@@ -185,7 +187,7 @@ def test_overrides_merge_by_key_and_paths_are_quoted():
     (["fancy"], "'fancy'"),
 ])
 def test_bad_input_is_one_line_error(argv, expected, capsys, tmp_path):
-    assert study.main([*argv, "--output-dir", str(tmp_path / "x")] if argv[0] == "decoupled" else argv) == 2
+    assert study_cli.main([*argv, "--output-dir", str(tmp_path / "x")] if argv[0] == "decoupled" else argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ltlib: error:")]
     assert len(errors) == 1 and expected in errors[0]
     assert not (tmp_path / "x").exists()

@@ -7,7 +7,8 @@ raises :class:`LtlibError` with a one-line message that names the bad value and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import numbers
+from collections.abc import Iterable, Sequence
 
 
 class LtlibError(ValueError):
@@ -32,3 +33,34 @@ def check_in_range(name: str, value: float, low: float | None = None, high: floa
         hi = "inf)" if high is None else f"{high:g}" + ("]" if high_inclusive else ")")
         raise LtlibError(f"{name}={value!r} is out of range; allowed: {lo}, {hi}")
     return value
+
+
+def check_choice(key: str, value: object, allowed: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise :func:`unknown_name`'s one line (the key, the value
+    and the choices)."""
+    if not isinstance(value, str) or value not in allowed:
+        raise unknown_name(key, value, allowed)
+    return value
+
+
+def check_int(key: str, value: object, low: int | None = None, *, optional: bool = False,
+              meaning: str = "") -> int | None:
+    """Return ``value`` as an int if it is an integer (not a bool) ``>= low`` (or None with ``optional``), else
+    raise one line naming the key, the value and what is allowed (``meaning`` says what the number counts)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+        allowed = "an integer" + (f" >= {low}" if low is not None else "") + (" or null" if optional else "")
+        raise LtlibError(f"{key}={value!r} is invalid; allowed: {allowed}" + (f" ({meaning})" if meaning else ""))
+    return int(value)
+
+
+def find_user_error(exc: BaseException) -> LtlibError | None:
+    """The LtlibError behind ``exc`` (Hydra's instantiate and DataLoader workers wrap it), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LtlibError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -23,7 +23,6 @@ from ltlib.analysis.diagnostics import (
 )
 from ltlib.backbones import create_backbone
 from ltlib.errors import LtlibError
-from ltlib.methods import StandardClassifier
 from ltlib.methods.baselines import BaselineClassifier
 from ltlib.methods.bbn import BBN
 from ltlib.methods.two_head import TwoHeadModel
@@ -104,7 +103,7 @@ def test_diagnose_feature_norms_and_shape_checks():
 
 def test_weight_norms_of_a_linear_and_a_cosine_classifier():
     torch.manual_seed(0)
-    linear = StandardClassifier(create_backbone("resnet20", in_chans=1), 10, COUNTS)
+    linear = BaselineClassifier(create_backbone("resnet20", in_chans=1), 10, COUNTS)
     np.testing.assert_allclose(class_weight_norms(linear)["classifier"],
                                np.sqrt((linear.classifier.weight.detach().numpy() ** 2).sum(axis=1)), rtol=1e-6)
     cosine = BaselineClassifier(create_backbone("resnet20", in_chans=1), 10, COUNTS, loss="ldam")
@@ -118,9 +117,9 @@ def test_weight_norms_of_bbn_are_its_inference_classifiers():
     bbn = BBN(create_backbone("resnet20", in_chans=1), 10, COUNTS)  # official combiner: one fc on [2a f_c, 2(1-a) f_r]
     weight = bbn.classifier.fc.weight.detach().numpy()  # at alpha = 0.5 the factors are 1
     norms = class_weight_norms(bbn)
-    np.testing.assert_allclose(norms["W_c"], np.linalg.norm(weight[:, :64], axis=1), rtol=1e-6)
-    np.testing.assert_allclose(norms["W_r"], np.linalg.norm(weight[:, 64:], axis=1), rtol=1e-6)
-    np.testing.assert_allclose(norms["[W_c, W_r]"], np.linalg.norm(weight, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(norms["BBN-CB (W_c)"], np.linalg.norm(weight[:, :64], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(norms["BBN-RB (W_r)"], np.linalg.norm(weight[:, 64:], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(norms["BBN-ALL ([W_c, W_r])"], np.linalg.norm(weight, axis=1), rtol=1e-6)
 
 
 def test_weight_norms_of_the_two_head_model_average_each_class_clusters():

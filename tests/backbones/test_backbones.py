@@ -112,7 +112,7 @@ def test_bad_options_name_the_option_and_backbone(name, kwargs, expected):
 
 
 def test_register_backbone_adds_a_factory_and_rejects_a_different_duplicate(monkeypatch):
-    monkeypatch.setattr(registry, "_BACKBONES", dict(registry._BACKBONES))
+    monkeypatch.setattr(registry, "_BACKBONES", registry._BACKBONES.copy())
 
     @register_backbone("tiny_test_net")
     def tiny_test_net(*, in_chans: int = 3, width: int = 4) -> Backbone:

@@ -204,6 +204,30 @@ def test_single_stream_batches_and_eval_loaders(array_source: Callable) -> None:
     assert isinstance(dm.val_dataloader().sampler, EvalShardSampler) and dm.val_dataloader().batch_size == 16
 
 
+def test_eval_dataset_has_the_eval_transform_and_leaves_training_alone(array_source: Callable) -> None:
+    dm = make_dm(array_source(POOL_COUNTS, size=32), augmentation="cifar", val_per_class=4)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1,
+                                 lightning_module=SimpleNamespace(train_streams={"main": "uniform"},
+                                                                  train_with_index=True))
+    loader = dm.train_dataloader()
+    before = loader.dataset.transform
+    train = dm.eval_dataset("train")
+    assert train is not loader.dataset and train.transform is dm.eval_transform and not train.return_index
+    np.testing.assert_array_equal(train.indices, dm.train_indices)
+    assert loader.dataset.transform is before is dm.train_transform and loader.dataset.return_index
+    assert dm.train_dataset.transform is dm.train_transform
+    image, label = train[0]
+    torch.testing.assert_close(image, dm.eval_transform(train.pool.load(int(train.indices[0]))), rtol=0, atol=0)
+    assert label == dm.train_targets[0]
+    for split, reference in (("val", dm.val_dataset), ("test", dm.test_dataset)):
+        dataset = dm.eval_dataset(split)
+        assert dataset.transform is dm.eval_transform and not dataset.return_index
+        np.testing.assert_array_equal(dataset.indices, reference.indices)
+        assert dataset.pool is reference.pool
+    with pytest.raises(LtlibError, match="unknown split 'dev'; available: test, train, val"):
+        dm.eval_dataset("dev")
+
+
 def test_paired_streams_follow_their_samplers(array_source: Callable) -> None:
     dm = make_dm(array_source(POOL_COUNTS), seed=3)
     dm.train_streams = {"conventional": "uniform", "rebalancing": "reversed"}

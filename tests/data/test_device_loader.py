@@ -24,18 +24,18 @@ from tests.conftest import free_port, gather_on_rank0
 from torch import nn
 from torch.utils.data import Sampler
 
-from ltlib.data import ArrayPool, LongTailDataModule, create_sampler, image_folder_pools
+from ltlib.data import ArrayPool, LongTailDataModule, create_sampler, image_folder_pools, list_samplers
 from ltlib.data.device_loader import (
     DeviceAugmentation,
     DeviceImages,
     DeviceLoader,
-    draw_indices,
     use_device_loader,
 )
+from ltlib.data.samplers import IndexSampler, epoch_indices, mix_seed, seeded_generator
 from ltlib.errors import LtlibError
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLERS = ("uniform", "class_balanced", "reversed", "square_root", "uniform>reversed@2")
+SAMPLERS = (*list_samplers(), "uniform>reversed@2")  # every registered sampler and a deferred spec
 
 
 def coded_image(size: int, channels: int) -> np.ndarray:
@@ -168,21 +168,20 @@ def lt_targets() -> np.ndarray:
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_indices_are_those_of_the_cpu_sampler(name, world_size):
     targets = lt_targets()
-    device_targets = torch.as_tensor(targets)
     for rank in range(world_size):
         sampler = create_sampler(name, targets, seed=7, rank=rank, world_size=world_size)
         for epoch in range(4):
             sampler.set_epoch(epoch)
             expected = list(sampler)
-            assert draw_indices(sampler, epoch, device_targets).tolist() == expected, (name, rank, epoch)
+            assert sampler.indices(epoch, "cpu").tolist() == expected, (name, rank, epoch)
+            assert sampler.indices(epoch, "cpu").dtype == torch.int64
 
 
 @pytest.mark.parametrize("name", ["class_balanced", "reversed", "square_root"])
 def test_class_frequencies_follow_the_sampler(name):
     targets = lt_targets()
     sampler = create_sampler(name, targets, seed=0)
-    device_targets = torch.as_tensor(targets)
-    drawn = torch.cat([draw_indices(sampler, e, device_targets) for e in range(20)])
+    drawn = torch.cat([sampler.indices(e, "cpu") for e in range(20)])
     observed = np.bincount(targets[drawn.numpy()], minlength=6)
     counts = np.bincount(targets).astype(float)
     weights = {"class_balanced": np.ones(6), "reversed": counts.max() / counts, "square_root": np.sqrt(counts)}[name]
@@ -204,19 +203,70 @@ def test_a_sampler_of_another_kind_is_drawn_on_the_host():
         def __iter__(self):
             return iter(range(self.epoch, self.epoch + 15, 3))
 
-    assert draw_indices(EveryThird(), 2, torch.zeros(30, dtype=torch.long)).tolist() == [2, 5, 8, 11, 14]
+    assert epoch_indices(EveryThird(), 2, "cpu").tolist() == [2, 5, 8, 11, 14]
+
+
+class Strided(IndexSampler):
+    """A sampler written after the device loader: a random offset per epoch, then every 3rd image."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples, self.seed = num_samples, seed
+
+    def __len__(self) -> int:
+        return self.num_samples // 3
+
+    def indices(self, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        start = torch.randint(0, 3, (), generator=seeded_generator(device, mix_seed(self.seed, epoch)), device=device)
+        return start + 3 * torch.arange(len(self), device=device)
+
+
+def test_a_new_index_sampler_runs_on_both_paths_unchanged():
+    sampler = Strided(30, seed=4)
+    loader = DeviceLoader(DeviceImages(torch.zeros(30, 2, 2, 3, dtype=torch.uint8), torch.zeros(30, dtype=torch.long),
+                                       DeviceAugmentation((0.0,) * 3, (1.0,) * 3)),
+                          {"main": sampler}, 4, return_index=True)
+    orders = set()
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        positions = torch.cat([index for _, _, index in loader]).tolist()
+        assert positions == list(sampler) == list(loader.sampler), epoch  # set_epoch reached the sampler too
+        orders.add(tuple(positions))
+    assert len(orders) > 1
 
 
 # ---------------------------------------------------------------------------------------------------
 # Epochs, structure, determinism
 
 
-def attach(dm: LongTailDataModule, streams: dict[str, str], with_index: bool = False) -> None:
+def attach(dm: LongTailDataModule, streams: dict[str, str], with_index: bool = False, rank: int = 0,
+           world_size: int = 1) -> None:
     """What a Trainer gives the data module: the module's streams, train_with_index, rank and device."""
     module = type("Module", (), {"train_streams": streams, "train_with_index": with_index})()
     strategy = type("Strategy", (), {"root_device": torch.device("cpu")})()
-    dm.trainer = type("Trainer", (), {"lightning_module": module, "global_rank": 0, "world_size": 1,
+    dm.trainer = type("Trainer", (), {"lightning_module": module, "global_rank": rank, "world_size": world_size,
                                       "strategy": strategy})()
+
+
+@pytest.mark.parametrize("name", [*list_samplers(), "square_root>class_balanced@1"])  # the spec switches
+def test_device_loader_positions_equal_the_dataloaders_per_rank_and_epoch(array_source, name):
+    """The whole pipeline: the DataLoader's batches and the device loader's (device "cpu") carry the same
+    dataset positions, epoch by epoch, on both ranks of a world of 2 (streams "main" and "x")."""
+    streams = {"main": name, "x": "uniform"}
+    for rank in (0, 1):
+        positions = {}
+        for loader_kind in ("cpu", "device"):
+            dm = make_dm(array_source([41, 20, 9, 5], size=8), loader_kind, batch_size=8, image_size=8)
+            attach(dm, streams, with_index=True, rank=rank, world_size=2)
+            loader = dm.train_dataloader()
+            assert type(loader).__name__ == ("DataLoader" if loader_kind == "cpu" else "DeviceLoader")
+            per_epoch = []
+            for epoch in (0, 1):
+                loader.sampler.set_epoch(epoch)
+                per_epoch.append({s: torch.cat([b[s][2] for b in loader]).tolist() for s in streams})
+            positions[loader_kind] = per_epoch
+        assert positions["device"] == positions["cpu"], (name, rank)
+        assert len(positions["cpu"][0]["main"]) == math.ceil(75 / 2)
+        assert positions["cpu"][0] != positions["cpu"][1]
 
 
 @pytest.mark.parametrize("streams", [{"main": "uniform"}, {"a": "uniform", "b": "reversed"},
@@ -320,7 +370,7 @@ def test_lightning_sets_the_epoch_of_the_device_loader(array_source):
                     for name, kind in Recorder.train_streams.items()]
         for s in expected:
             s.set_epoch(epoch)
-        u, r = (draw_indices(s, epoch, targets).tolist() for s in expected)
+        u, r = (s.indices(epoch, targets.device).tolist() for s in expected)
         interleaved = [i for b in range(0, len(u), 8) for i in (*u[b:b + 8], *r[b:b + 8])]
         assert module.seen[epoch] == interleaved, epoch
 

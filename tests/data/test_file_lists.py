@@ -19,9 +19,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from ltlib.check import check_data
+from ltlib.config import config_dir
+from ltlib.data.check import check_data
 from ltlib.errors import LtlibError
-from ltlib.run import config_dir
 
 TRAIN_COUNTS = (5, 2, 5, 2)  # classes of 5 and of 2 training images
 VAL_PER_CLASS = 2

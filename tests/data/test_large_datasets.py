@@ -14,11 +14,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from ltlib.check import check_data
 from ltlib.check import main as check_main
+from ltlib.config import config_dir
+from ltlib.data.check import check_data
 from ltlib.data.pools import inaturalist_pools
 from ltlib.errors import LtlibError
-from ltlib.run import config_dir
 
 
 def _jpeg(path: Path, seed: int) -> None:

@@ -1,4 +1,5 @@
-"""What every loss in ltlib.losses shares: exports, reductions, weights, count validation, doctests."""
+"""What every loss in ltlib.losses shares: exports, reductions, weights, count validation, doctests.
+(Every registered loss built by name through the registry: test_loss_registry.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import ltlib.losses as losses
 from ltlib.errors import LtlibError
 
 COUNTS = [300, 60, 12, 2]
-MODULES = ["feature_balanced", "focal", "ldam", "logit_adjustment", "soft_target", "weights"]
+MODULES = ["base", "feature_balanced", "focal", "ldam", "logit_adjustment", "registry", "soft_target", "weights"]
 
 _FEATURES = torch.randn(8, 5).abs()
 
@@ -38,6 +39,9 @@ COUNTED = {
 ALL = {
     **COUNTED,
     "FocalLoss": lambda counts, **kw: losses.FocalLoss(**kw),
+    "SigmoidFocalLoss": lambda counts, **kw: losses.SigmoidFocalLoss(**kw),
+    "LDAMCodeFocalLoss": lambda counts, **kw: losses.LDAMCodeFocalLoss(**kw),
+    "WeightedCrossEntropy": lambda counts, **kw: losses.WeightedCrossEntropy(**kw),
     "SoftTargetCrossEntropy": lambda counts, **kw: losses.SoftTargetCrossEntropy(**kw),
 }
 
@@ -45,7 +49,9 @@ ALL = {
 def test_exports() -> None:
     for name in ("FeatureBalancedLoss", "FocalLoss", "CBFocalLoss", "LDAMLoss", "NormedLinear",
                  "LogitAdjustedLoss", "posthoc_logit_adjustment", "SoftTargetCrossEntropy",
-                 "inverse_frequency_weights", "class_balanced_weights"):
+                 "inverse_frequency_weights", "class_balanced_weights", "LongTailLoss", "REDUCTIONS",
+                 "SigmoidFocalLoss", "WeightedCrossEntropy", "LDAMCodeFocalLoss", "AdjustedCrossEntropyLoss",
+                 "create_loss", "list_losses", "loss_options", "register_loss"):
         assert name in losses.__all__ and hasattr(losses, name)
 
 
@@ -62,11 +68,13 @@ def test_reductions(name: str) -> None:
     assert none.shape == (8,)
     torch.testing.assert_close(_call(ALL[name](COUNTS, reduction="sum"), logits, targets), none.sum())
     torch.testing.assert_close(_call(ALL[name](COUNTS, reduction="mean"), logits, targets), none.mean())
-    with pytest.raises(LtlibError, match=r"unknown reduction 'elementwise_mean'; available: mean, none, sum"):
+    assert torch.equal(_call(ALL[name](COUNTS, reduction="batch_mean"), logits, targets), none.mean())
+    with pytest.raises(LtlibError, match=r"unknown reduction 'elementwise_mean'; available: batch_mean, mean, none, sum"):
         ALL[name](COUNTS, reduction="elementwise_mean")
 
 
-@pytest.mark.parametrize("name", ["FeatureBalancedLoss", "LDAMLoss", "LogitAdjustedLoss", "FocalLoss"])
+@pytest.mark.parametrize("name", ["FeatureBalancedLoss", "LDAMLoss", "LogitAdjustedLoss", "FocalLoss",
+                                  "SigmoidFocalLoss", "WeightedCrossEntropy"])
 def test_weighted_mean_is_like_cross_entropy(name: str) -> None:
     """reduction="mean" with weights is sum_i w_{y_i} l_i / sum_i w_{y_i}, as in F.cross_entropy."""
     logits, targets = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 3, 3, 1, 0])

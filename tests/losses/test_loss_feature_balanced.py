@@ -328,7 +328,7 @@ def test_class_count_mismatch_is_checked_at_call_time() -> None:
         ({"stimulus": "sqrt"}, r"unknown stimulus 'sqrt'; available: log, normalized"),
         ({"schedule": "quadratic"}, r"unknown schedule 'quadratic'; available: .*parabolic_increment"),
         ({"progress_mode": "paper"}, r"unknown progress_mode 'paper'; available: official, standard"),
-        ({"reduction": "avg"}, r"unknown reduction 'avg'; available: mean, none, sum"),
+        ({"reduction": "avg"}, r"unknown reduction 'avg'; available: batch_mean, mean, none, sum"),
         ({"eps": 0.0}, r"eps=0\.0"),
         ({"weight": [1.0, 2.0]}, r"weight has 2 entries but there are 6 classes"),
         ({"weight": [1.0, -2.0, 1, 1, 1, 1]}, r"weight must be finite and non-negative; got \[-2\.0\]"),

@@ -225,10 +225,10 @@ def test_drw_and_drs_switch_at_exactly_the_configured_epoch(loss, tmp_path) -> N
 
 def test_weights_at_epochs_before_and_after_the_switch() -> None:
     method = make(loss="ldam", class_weighting="class_balanced", reweight_from_epoch=160)
-    assert method.class_weights_at(159) is None
-    np.testing.assert_allclose(method.class_weights_at(160).numpy(), np_cb_weights(COUNTS, 0.9999), rtol=1e-6)
-    assert make(class_weighting="inverse_frequency").class_weights_at(0) is not None
-    assert make().class_weights_at(10_000) is None
+    assert method.active_class_weights(159) is None
+    np.testing.assert_allclose(method.active_class_weights(160).numpy(), np_cb_weights(COUNTS, 0.9999), rtol=1e-6)
+    assert make(class_weighting="inverse_frequency").active_class_weights(0) is not None
+    assert make().active_class_weights(10_000) is None
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -22,10 +22,10 @@ from tests.conftest import digits_datamodule, run_cli
 from torch import nn
 
 from ltlib.backbones.base import Backbone
+from ltlib.config import config_dir
 from ltlib.data import LongTailDataModule
 from ltlib.errors import LtlibError
 from ltlib.methods.fbl import FeatureBalancedClassifier
-from ltlib.run import config_dir
 
 COUNTS = [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]  # digits_lt's training counts
 

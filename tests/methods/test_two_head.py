@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from tests.conftest import run_cli
 
 from ltlib.backbones import create_backbone
+from ltlib.config import config_dir
 from ltlib.data import LongTailDataModule, digits_pools, long_tail_counts
 from ltlib.errors import LtlibError
 from ltlib.losses import class_balanced_weights
@@ -31,7 +32,6 @@ from ltlib.methods.class_division import (
     soft_cluster_targets,
 )
 from ltlib.methods.two_head import FeatureBalancingHead, TwoHeadModel
-from ltlib.run import config_dir
 
 DIGITS_COUNTS = [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]  # digits_lt: long_tail_counts(100, 10, 10)
 
@@ -373,12 +373,20 @@ def test_undivided_model_is_plain_cross_entropy():
     ("cluster_checkpoint", "/nowhere.ckpt", "/nowhere.ckpt"),
     ("reweight_from_epoch", -1, "reweight_from_epoch=-1 is invalid; allowed: an integer >= 0 or null"),
     ("reweight_from_epoch", 1.5, "reweight_from_epoch=1.5"),
-    ("reweight_start_epoch", 0, "the option is now reweight_from_epoch"),
 ])
 def test_bad_options_raise_one_line_errors(option, value, expected):
     with pytest.raises(LtlibError) as info:
         make_model(**{option: value})
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_reweight_start_epoch_is_the_accepted_old_name_of_reweight_from_epoch():
+    old = make_model(class_weighting="class_balanced", reweight_start_epoch=3)
+    assert old.reweight_epoch == 3 and old.hparams["reweight_from_epoch"] == 3
+    assert "reweight_start_epoch" not in old.hparams
+    assert old.active_class_weights(2) is None and old.active_class_weights(3) is not None
+    with pytest.raises(LtlibError, match="reweight_start_epoch=3 and reweight_from_epoch=5 disagree"):
+        make_model(reweight_start_epoch=3, reweight_from_epoch=5)
 
 
 def test_checkpoint_without_file_and_fbh_prediction_without_fbh_are_errors():

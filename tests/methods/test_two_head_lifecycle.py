@@ -29,6 +29,7 @@ from ltlib.backbones import create_backbone
 from ltlib.errors import LtlibError
 from ltlib.losses import class_balanced_weights
 from ltlib.methods.class_division import assign_clusters
+from ltlib.methods.reweighting import ClassReweighting
 from ltlib.methods.two_head import TwoHeadModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -204,7 +205,7 @@ def test_load_from_checkpoint_restores_the_model_and_its_clusters(tmp_path):
     assert int(loaded.clustered_epoch) == int(model.clustered_epoch) == 0
     assert (loaded.clustering, loaded.cluster_on, loaded.num_clusters) == ("kmeans", "initial", model.num_clusters)
     assert (loaded.fbh.channel_assignment, loaded.fbh.channels_per_class) == ("split_floor", 6)
-    assert loaded.reweight_from_epoch is None and loaded.class_weighting == "class_balanced"
+    assert loaded.reweighting == model.reweighting == ClassReweighting("class_balanced", 0.9999, None)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     images = torch.randn(6, 1, 8, 8)

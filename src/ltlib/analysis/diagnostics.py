@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from ltlib.analysis.feature_norms import per_class_feature_norms
 from ltlib.analysis.results import save_figure
-from ltlib.analysis.weight_norms import classifier_weight_norms
 from ltlib.errors import LtlibError
 from ltlib.metrics import SHOT_NAMES, shot_name
 
@@ -113,41 +112,14 @@ def shot_accuracies(per_class_acc: Sequence[float] | np.ndarray | Tensor, class_
 
 
 def class_weight_norms(method: nn.Module) -> dict[str, Tensor]:
-    """Per-class l2-norms of the classifier weights of any ltlib method, ``{name: [C]}``:
+    """Per-class l2-norms of the classifier weights, ``{name: [C]}``: an ltlib method's own
+    :meth:`~ltlib.methods.base.LongTailMethod.class_weight_norms` (BBN: ``W_c``, ``W_r`` and their
+    concatenation as they act at inference, figure 4; the two-head model: the mean norm of each class's
+    cluster weight vectors, figure 3, and the feature-balancing head's kernel norms; any other: the rows of
+    its ``[C, D]`` classifier weight). Empty for another module or a method without such a classifier."""
+    from ltlib.methods.base import LongTailMethod
 
-    * BBN (a classifier with ``inference_weights()``): ``W_c``, ``W_r`` and their concatenation, as they
-      act at inference (BBN figure 4's "BBN-CB", "BBN-RB", "BBN-ALL");
-    * the two-head model (a ``division`` of classes into clusters): the mean norm of each class's cluster
-      weight vectors (two-head figure 3) and, with the feature-balancing head, its per-class kernel norms;
-    * any other method with a ``[C, D]`` ``classifier.weight`` (linear, cosine): its row norms.
-
-    Empty for a method without such a classifier (an ensemble).
-    """
-    classifier = getattr(method, "classifier", None)
-    num_classes = getattr(method, "num_classes", None)
-    if classifier is None:
-        return {}
-    if callable(getattr(classifier, "inference_weights", None)):
-        w_c, w_r = classifier.inference_weights()
-        return {"W_c": classifier_weight_norms(w_c), "W_r": classifier_weight_norms(w_r),
-                "[W_c, W_r]": classifier_weight_norms(torch.cat((w_c, w_r), dim=1))}
-    weight = getattr(classifier, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        return {}
-    division = getattr(method, "division", None)
-    norms: dict[str, Tensor] = {}
-    if division is not None and weight.shape[0] == division.num_clusters and num_classes is not None:
-        from ltlib.methods.class_division import per_class_norms
-
-        norms["classifier"] = per_class_norms(classifier_weight_norms(weight), division.cluster_to_class,
-                                              num_classes, "mean")
-        fbh = getattr(method, "fbh", None)
-        if fbh is not None and callable(getattr(fbh, "class_kernel_norms", None)):
-            norms["feature_balancing_head"] = fbh.class_kernel_norms().detach().float().cpu()
-        return norms
-    if num_classes is None or weight.shape[0] == num_classes:
-        norms["classifier"] = classifier_weight_norms(weight)
-    return norms
+    return method.class_weight_norms() if isinstance(method, LongTailMethod) else {}
 
 
 def default_features(method: nn.Module, images: Tensor) -> Tensor:

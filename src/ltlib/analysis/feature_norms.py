@@ -39,7 +39,6 @@ import io
 import math
 import os
 import sys
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +53,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ltlib.analysis.results import save_figure
-from ltlib.errors import LtlibError
+from ltlib.errors import LtlibError, check_int
+from ltlib.io import atomic_write_text
 
 FEATURE_NORMS_CSV = "feature_norms.csv"
 FEATURE_NORM_HISTORY_CSV = "feature_norms_history.csv"
@@ -171,16 +171,6 @@ def plot_feature_norms_per_class(norms: Mapping[str, np.ndarray | Tensor], class
 
 
 # ------------------------------------------------------------------------------------- run files
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _cell(value: float) -> str:
     return "" if value is None or not math.isfinite(value) else repr(float(value))
 
@@ -209,7 +199,7 @@ def write_feature_norm_tables(output_dir: str | os.PathLike[str], class_names: S
     for c, (train, test, acc) in enumerate(columns):
         writer.writerow([c, class_names[c], int(class_counts[c]), _cell(train), _cell(test), _cell(acc)])
     written = [out / FEATURE_NORMS_CSV]
-    _write_text_atomic(written[0], table.getvalue())
+    atomic_write_text(written[0], table.getvalue())
     if train_history is not None and len(train_history):
         history = io.StringIO()
         writer = csv.writer(history, lineterminator="\n")
@@ -217,7 +207,7 @@ def write_feature_norm_tables(output_dir: str | os.PathLike[str], class_names: S
         for epoch, row in zip(epochs, np.asarray(train_history, dtype=np.float64), strict=True):
             writer.writerow([int(epoch), *map(_cell, row)])
         written.append(out / FEATURE_NORM_HISTORY_CSV)
-        _write_text_atomic(written[1], history.getvalue())
+        atomic_write_text(written[1], history.getvalue())
     return written
 
 
@@ -320,8 +310,7 @@ class FeatureNormCallback(L.Callback):
     def __init__(self, head_classes: Sequence[int] | None = None, tail_classes: Sequence[int] | None = None,
                  num_shown: int = 2, stream: str | None = None) -> None:
         super().__init__()
-        if isinstance(num_shown, bool) or not isinstance(num_shown, int) or num_shown < 1:
-            raise LtlibError(f"feature_norms num_shown={num_shown!r} is out of range; allowed: an integer >= 1")
+        check_int("feature_norms num_shown", num_shown, 1)
         self.head_classes = None if head_classes is None else [int(c) for c in head_classes]
         self.tail_classes = None if tail_classes is None else [int(c) for c in tail_classes]
         self.num_shown = num_shown

@@ -18,10 +18,9 @@ import io
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +34,10 @@ from rich.table import Table
 
 import ltlib
 from ltlib.errors import LtlibError
+from ltlib.io import atomic_write_text, atomic_writer
 from ltlib.metrics import SHOT_NAMES, shot_name
+from ltlib.runs import RESULTS_JSON
 
-RESULTS_JSON = "results.json"
 PER_CLASS_CSV = "per_class.csv"
 PER_CLASS_PLOT = "per_class_accuracy.png"
 
@@ -84,27 +84,14 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot convert {type(obj).__name__} to JSON: {obj!r}")
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through a temporary file in the same directory, then ``os.replace`` it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with tmp.open("xb") as handle:  # unlike mkstemp's 0600, respects the umask
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_figure(figure: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG atomically (the analysis modules' one way to write plots)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if figure.canvas is None or not isinstance(figure.canvas, FigureCanvasAgg):
         FigureCanvasAgg(figure)
-    _atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=dpi))
+    with atomic_writer(path) as handle:
+        figure.savefig(handle, format="png", dpi=dpi)
     return path
 
 
@@ -217,14 +204,15 @@ def write_results(
         **to_jsonable(dict(extra or {})),
     }
 
-    _atomic_write(out / PER_CLASS_CSV, lambda f: f.write(_per_class_csv(per_class, list(metrics)).encode()))
+    atomic_write_text(out / PER_CLASS_CSV, _per_class_csv(per_class, list(metrics)))
     plot_split = "test" if "test" in metrics else list(metrics)[-1]
     figure = _per_class_figure(
         per_class, plot_split, summaries[plot_split], method, many_threshold=many_threshold, few_threshold=few_threshold
     )
-    _atomic_write(out / PER_CLASS_PLOT, lambda f: figure.savefig(f, format="png", dpi=120))
+    with atomic_writer(out / PER_CLASS_PLOT) as handle:
+        figure.savefig(handle, format="png", dpi=120)
     text = _format_json(payload) + "\n"
-    _atomic_write(out / RESULTS_JSON, lambda f: f.write(text.encode()))
+    atomic_write_text(out / RESULTS_JSON, text)
     return payload
 
 

@@ -50,9 +50,10 @@ from ltlib.data.long_tail import PROFILES, indices_hash, long_tail_counts, long_
 from ltlib.data.pools import ImagePool
 from ltlib.data.samplers import EvalShardSampler, MultiStreamDataset, StreamSampler, create_sampler
 from ltlib.data.transforms import build_transforms, normalization_stats
-from ltlib.errors import LtlibError, check_in_range, unknown_name
+from ltlib.errors import LtlibError, check_in_range, check_int, unknown_name
 
 VAL_SHORTFALLS = ("keep_train", "holdout")
+EVAL_SPLITS = ("train", "val", "test")  # what eval_dataset accepts
 AUTO_VAL_PER_CLASS = 50
 AUTO_VAL_FRACTION = 0.1  # val_fraction=None without a validation pool
 
@@ -100,14 +101,6 @@ def _per_class(targets: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(targets, minlength=num_classes).tolist()
 
 
-def _check_count(name: str, value: int | None, low: int, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        allowed = f"an integer >= {low}" + (" or null" if optional else "")
-        raise LtlibError(f"{name}={value!r} is invalid; allowed: {allowed}")
-
-
 class LongTailDataModule(L.LightningDataModule):
     """Long-tailed training subset, balanced validation split and test set of an image source.
 
@@ -135,19 +128,19 @@ class LongTailDataModule(L.LightningDataModule):
                              "(train_pool, test_pool) or (train_pool, test_pool, val_pool)")
         if imbalance_ratio is not None:
             check_in_range("imbalance_ratio", imbalance_ratio, 1.0)
-        _check_count("max_count", max_count, 1, optional=True)
+        check_int("max_count", max_count, 1, optional=True)
         if profile not in PROFILES:
             raise unknown_name("long-tail profile", profile, PROFILES)
-        _check_count("val_per_class", val_per_class, 0, optional=True)
+        check_int("val_per_class", val_per_class, 0, optional=True)
         if val_shortfall not in VAL_SHORTFALLS:
             raise unknown_name("val_shortfall", val_shortfall, VAL_SHORTFALLS)
         if val_fraction is not None:
             check_in_range("val_fraction", val_fraction, 0.0, 1.0, high_inclusive=False)
-        _check_count("batch_size", batch_size, 1)
-        _check_count("eval_batch_size", eval_batch_size, 1, optional=True)
-        _check_count("num_workers", num_workers, 0)
+        check_int("batch_size", batch_size, 1)
+        check_int("eval_batch_size", eval_batch_size, 1, optional=True)
+        check_int("num_workers", num_workers, 0)
         for seed_name, seed_value in (("subset_seed", subset_seed), ("seed", seed)):
-            _check_count(seed_name, seed_value, 0)
+            check_int(seed_name, seed_value, 0)
             check_in_range(seed_name, seed_value, 0, 2**32 - 1)
         self.source = source
         self.name = name
@@ -271,13 +264,24 @@ class LongTailDataModule(L.LightningDataModule):
         pool = self._require().test_pool
         return PoolDataset(pool, np.arange(len(pool)), self.eval_transform)
 
+    def eval_dataset(self, split: str) -> PoolDataset:
+        """A new dataset of ``split`` (``train``, ``val`` or ``test``) with the evaluation transform and
+        without ``return_index``: ``train`` gives the training images un-augmented (features, diagnostics);
+        nothing the training loader uses is changed."""
+        if split not in EVAL_SPLITS:
+            raise unknown_name("split", split, EVAL_SPLITS)
+        splits = self._require()
+        if split == "train":
+            return PoolDataset(splits.train_pool, splits.train_indices, self.eval_transform)
+        return self.val_dataset if split == "val" else self.test_dataset
+
     def train_dataloader(self) -> DataLoader:
         """One stream: batches ``[images, targets]``; several: ``{stream: [images, targets]}``."""
         streams = self._streams()
         dataset = self.train_dataset
-        # A module with ``train_with_index = True`` also gets each image's position in train_dataset.
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        dataset.return_index = bool(getattr(module, "train_with_index", False))
+        # A module with ``train_with_index = True`` also gets each image's position in train_dataset
+        # (declared on LongTailMethod; a plain LightningModule without it gets none).
+        dataset.return_index = bool(getattr(self._module(), "train_with_index", False))
         rank, world_size = self._rank_world()
         samplers = {stream: create_sampler(sampler, dataset.targets, self.seed, rank, world_size,
                                            stream=stream)  # every stream draws independently
@@ -309,10 +313,14 @@ class LongTailDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
+    def _module(self) -> Any:
+        """The LightningModule being trained, or None without a trainer."""
+        return getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+
     def _streams(self) -> dict[str, str]:
-        """``train_streams`` of the attached LightningModule, else of this data module."""
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        streams = getattr(module, "train_streams", None)
+        """``train_streams`` of the attached LightningModule (declared on LongTailMethod; a plain
+        LightningModule may lack it), else of this data module."""
+        streams = getattr(self._module(), "train_streams", None)
         if streams is None:
             streams = self.train_streams
         if not isinstance(streams, Mapping) or not streams:

@@ -17,12 +17,13 @@ are seeded with the stream of the deferred sampler (see :func:`create_deferred_s
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ltlib.data.samplers import IndexSampler, create_sampler, epoch_indices, list_samplers
 from ltlib.errors import LtlibError, unknown_name
 
 _SPEC = re.compile(r"^(?P<before>[^>@]+)>(?P<after>[^>@]+)@(?P<epoch>.+)$")
@@ -43,8 +44,6 @@ def is_deferred_spec(name: str) -> bool:
 
 def parse_deferred_spec(spec: str) -> tuple[str, str, int]:
     """Split ``"<before>><after>@<epoch>"`` into ``(before, after, epoch)``; LtlibError if malformed."""
-    from ltlib.data.samplers import list_samplers
-
     match = _SPEC.match(str(spec).strip())
     if match is None:
         raise LtlibError(f"sampler {spec!r} is not a valid deferred sampler; expected '<before>><after>@<epoch>', "
@@ -60,11 +59,13 @@ def parse_deferred_spec(spec: str) -> tuple[str, str, int]:
     return before, after, int(epoch_text)
 
 
-class DeferredSampler(Sampler[int]):
+class DeferredSampler(IndexSampler):
     """Delegate to ``before`` for epochs ``< switch_epoch`` and to ``after`` from ``switch_epoch`` on.
 
     Both samplers must yield the same number of indices per epoch (so the number of steps per epoch,
-    and with it the learning-rate schedule, does not change at the switch). ``set_epoch`` reaches both.
+    and with it the learning-rate schedule, does not change at the switch). ``set_epoch`` reaches both;
+    ``indices(epoch, device)`` is the phase's ``indices(epoch, device)``, so the DataLoader path and
+    the device loader switch at the same epoch.
     """
 
     def __init__(self, before: Sampler[int], after: Sampler[int], switch_epoch: int) -> None:
@@ -77,10 +78,14 @@ class DeferredSampler(Sampler[int]):
         self.switch_epoch = int(switch_epoch)
         self.epoch = 0
 
+    def phase(self, epoch: int) -> Sampler[int]:
+        """The sampler ``epoch`` draws from."""
+        return self.after if epoch >= self.switch_epoch else self.before
+
     @property
     def active(self) -> Sampler[int]:
         """The sampler the current epoch draws from."""
-        return self.after if self.epoch >= self.switch_epoch else self.before
+        return self.phase(self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -91,8 +96,9 @@ class DeferredSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(self.before)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.active)
+    def indices(self, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``epoch``'s indices from its phase (see :meth:`IndexSampler.indices` for the guarantees)."""
+        return epoch_indices(self.phase(epoch), epoch, device)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(before={type(self.before).__name__}, after={type(self.after).__name__}, "
@@ -112,8 +118,6 @@ def create_deferred_sampler(spec: str, targets: Sequence[int] | np.ndarray | tor
     distinct seeds: :func:`~ltlib.data.samplers.mix_seed` is injective, ``(seed, stream, epoch)`` is
     not ``(seed, stream, epoch, 0)``.)
     """
-    from ltlib.data.samplers import create_sampler
-
     before, after, epoch = parse_deferred_spec(spec)
     return DeferredSampler(create_sampler(before, targets, seed, rank, world_size, stream=stream),
                            create_sampler(after, targets, seed, rank, world_size, stream=stream), epoch)

@@ -6,13 +6,14 @@ far more than the network's forward and backward pass. :class:`DeviceLoader` rep
 
 * the images a split uses are uploaded once, as a ``uint8 [N, H + 2p, W + 2p, C]`` tensor already
   zero-padded for the random crop (``p`` its padding), and kept for the whole run;
-* sampler indices are drawn on the device, once per epoch, with the *same algorithm and seeds* as
-  the :mod:`ltlib.data.samplers` object they replace (its ``epoch_seed``; uniform: ``randperm`` from
-  ``mix_seed(seed, stream, epoch)``, padded and sliced by rank; class-aware: class draws from ``P_c``
-  then a uniform image of the class, from ``mix_seed(seed, stream, epoch, rank)``; deferred ``"a>b@E"``
-  specs switch at epoch ``E``), so every stream keeps its own random stream. On the CPU the
-  indices are therefore identical to the CPU path's; on a GPU they follow the same distribution
-  (another generator), with the same DDP sharding and the same number of batches on every rank;
+* sampler indices are drawn on the device, once per epoch, by the sampler itself:
+  ``sampler.indices(epoch, device)`` (:class:`ltlib.data.samplers.IndexSampler`), the very code the
+  CPU path iterates, with the sampler's own seeds (so every stream keeps its own random stream, DDP
+  shards by rank alike, deferred ``"a>b@E"`` specs switch at epoch ``E``). On the CPU the indices are
+  therefore identical to the CPU path's by construction; on a GPU the sampler draws with a generator
+  on the GPU: the same distribution and sharding and the same number of batches on every rank, but
+  other values (torch generators differ by device). A plain torch ``Sampler[int]`` is iterated on the
+  host once per epoch and copied over;
 * every batch is augmented with a handful of vectorised kernels: the random crop and horizontal flip
   of each image become one gather (crop offsets uniform in ``[0, 2p + H - S]`` as in torchvision's
   ``RandomCrop``, flip with probability ``p_flip`` as in ``RandomHorizontalFlip``), followed by
@@ -57,10 +58,9 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 from torchvision import transforms as T
 
-from ltlib.data.deferred import DeferredSampler
 from ltlib.data.long_tail import indices_hash
 from ltlib.data.pools import ArrayPool, ImagePool
-from ltlib.data.samplers import ClassAwareSampler, EvalShardSampler, UniformSampler, mix_seed
+from ltlib.data.samplers import epoch_indices, mix_seed, seeded_generator
 from ltlib.errors import LtlibError, unknown_name
 
 LOADERS = ("cpu", "device", "auto")
@@ -199,59 +199,6 @@ class DeviceImages:
 # Sampler indices on the device
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def class_index(targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(counts, order, starts)`` of a label tensor: images per class, image indices grouped by class
-    (stable), and where each class's group begins in ``order`` (what class-aware samplers index)."""
-    counts = torch.bincount(targets)
-    order = torch.argsort(targets, stable=True)
-    return counts, order, torch.cumsum(counts, 0) - counts
-
-
-def draw_indices(sampler: Sampler[int], epoch: int, targets: Tensor,
-                 grouped: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    """One epoch of ``sampler``'s indices as an int64 tensor on ``targets.device``, drawn there with
-    the sampler's own algorithm and seeds (``targets``: the dataset's labels, on the device;
-    ``grouped``: their :func:`class_index`, computed here when not given).
-
-    Known kinds: :class:`UniformSampler`, :class:`ClassAwareSampler` (and its subclasses),
-    :class:`DeferredSampler`, :class:`EvalShardSampler`. Any other sampler is iterated on the host
-    (``set_epoch(epoch)``, then one copy to the device per epoch).
-    """
-    device = targets.device
-    if isinstance(sampler, DeferredSampler):
-        active = sampler.after if epoch >= sampler.switch_epoch else sampler.before
-        return draw_indices(active, epoch, targets, grouped)
-    if isinstance(sampler, UniformSampler):
-        n, world = sampler.num_samples, sampler.world_size
-        if sampler.shuffle:
-            perm = torch.randperm(n, generator=_generator(device, sampler.epoch_seed(epoch)), device=device)
-        else:
-            perm = torch.arange(n, device=device)
-        total = len(sampler) * world
-        if total > n:
-            perm = perm.repeat(math.ceil(total / n))[:total]
-        return perm[sampler.rank::world]
-    if isinstance(sampler, ClassAwareSampler):
-        length = len(sampler)
-        gen = _generator(device, sampler.epoch_seed(epoch))
-        probs = sampler.class_probs.to(device)
-        counts, order, starts = grouped if grouped is not None else class_index(targets)
-        classes = torch.multinomial(probs, length, replacement=True, generator=gen)
-        sizes = counts[classes]
-        offsets = (torch.rand(length, generator=gen, dtype=torch.float64, device=device) * sizes).long()
-        offsets = torch.minimum(offsets, sizes - 1)
-        return order[starts[classes] + offsets]
-    if isinstance(sampler, EvalShardSampler):
-        return torch.arange(sampler.rank, sampler.num_samples, sampler.world_size, device=device)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    return torch.as_tensor(list(sampler), dtype=torch.long).to(device)
-
-
 class DeviceStreamSampler:
     """The ``sampler`` of a :class:`DeviceLoader`: one sampler per stream, the epoch, and the draws.
 
@@ -259,16 +206,15 @@ class DeviceStreamSampler:
     the epoch's indices (ints for one stream, tuples for several), as the CPU path's samplers do.
     """
 
-    def __init__(self, samplers: Mapping[str, Sampler[int]], targets: Tensor) -> None:
+    def __init__(self, samplers: Mapping[str, Sampler[int]], device: torch.device | str) -> None:
         if not samplers:
             raise LtlibError("a device loader needs at least one sampler")
         lengths = {name: len(s) for name, s in samplers.items()}
         if len(set(lengths.values())) != 1:
             raise LtlibError(f"streams must have equal lengths; got {lengths}")
         self.samplers = dict(samplers)
-        self.targets = targets
+        self.device = torch.device(device)
         self.epoch = 0
-        self._grouped: tuple[Tensor, Tensor, Tensor] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -280,10 +226,8 @@ class DeviceStreamSampler:
         return len(next(iter(self.samplers.values())))
 
     def draw(self) -> dict[str, Tensor]:
-        """The current epoch's indices of every stream, on the device."""
-        if self._grouped is None:  # once per loader (bincount reads its size back from the device)
-            self._grouped = class_index(self.targets)
-        return {name: draw_indices(s, self.epoch, self.targets, self._grouped) for name, s in self.samplers.items()}
+        """The current epoch's indices of every stream, on the device (each sampler's ``indices``)."""
+        return {name: epoch_indices(s, self.epoch, self.device) for name, s in self.samplers.items()}
 
     def __iter__(self) -> Iterator[Any]:
         drawn = [t.tolist() for t in self.draw().values()]
@@ -299,7 +243,8 @@ class DeviceLoader:
 
     Args:
         images: the split's images on the device.
-        samplers: stream name -> sampler (a training stream, or an :class:`EvalShardSampler`).
+        samplers: stream name -> sampler (a training stream, or an evaluation shard); each epoch's
+            indices are ``sampler.indices(epoch, device)``.
         batch_size: images per stream per batch.
         drop_last: drop the last incomplete batch (as ``DataLoader``).
         augment: apply the random crop / flip (training); False gives the un-augmented view.
@@ -314,7 +259,7 @@ class DeviceLoader:
         if batch_size < 1:
             raise LtlibError(f"batch_size={batch_size!r} is invalid; allowed: an integer >= 1")
         self.images = images
-        self.sampler = DeviceStreamSampler(samplers, images.targets)
+        self.sampler = DeviceStreamSampler(samplers, images.device)
         self.batch_sampler = None  # Lightning reads it wherever a loader has a ``sampler``, as on a DataLoader
         self.stream_names = list(samplers)
         self.batch_size = int(batch_size)
@@ -341,7 +286,7 @@ class DeviceLoader:
         epoch = self.sampler.epoch
         drawn = self.sampler.draw()
         count = len(self.sampler)
-        gen = _generator(self.device, mix_seed(self.seed, epoch, self.rank, _AUGMENT_SALT))
+        gen = seeded_generator(self.device, mix_seed(self.seed, epoch, self.rank, _AUGMENT_SALT))
         views = {name: (self.images.draw_views(count, gen) if self.augment else self.images.fixed_views(count))
                  for name in self.stream_names}
         for b in range(len(self)):

@@ -28,6 +28,16 @@ square_root      ``sqrt(N_c)``       an image with probability proportional to `
 
 ``uniform`` visits every image once per epoch (instance-balanced sampling, ``P_c`` proportional to
 ``N_c``).
+
+One algorithm per sampler. Every training and evaluation sampler here is an :class:`IndexSampler`: its
+``indices(epoch, device)`` draws the whole epoch as one int64 tensor, and ``__iter__`` is
+``indices(self.epoch, "cpu")``. The DataLoader path iterates the sampler; the device-resident loader
+(:mod:`ltlib.data.device_loader`) calls ``indices(epoch, device)``; both therefore run the same code.
+On ``device="cpu"`` the two paths give identical indices by construction. On another device the
+draws use a generator on that device, seeded alike: torch generators of different devices produce
+different numbers, so there the indices follow the same distribution and the same sharding, not the
+same values (what the device loader has always done on a GPU; see :meth:`IndexSampler.indices`).
+:func:`epoch_indices` gives the same tensor for any other torch sampler, by iterating it on the host.
 """
 
 from __future__ import annotations
@@ -48,6 +58,11 @@ def _check_shard(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise LtlibError(f"rank={rank!r}, world_size={world_size!r} are invalid; allowed: world_size >= 1 "
                          "and 0 <= rank < world_size")
+
+
+def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A fresh torch generator on ``device`` seeded with ``seed`` (the global RNG stays untouched)."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def mix_seed(*values: int) -> int:
@@ -80,7 +95,45 @@ def stream_id(stream: str | int) -> int:
     return int(stream)
 
 
-class UniformSampler(Sampler[int]):
+class IndexSampler(Sampler[int]):
+    """A sampler whose epoch is one tensor of dataset indices, drawn by :meth:`indices`.
+
+    Subclasses implement ``indices`` and ``__len__``; ``set_epoch`` (Lightning calls it before every
+    epoch) and ``__iter__`` come from here, so the DataLoader path and the device loader share one
+    algorithm and a new sampler works on both without further code.
+    """
+
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def indices(self, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The int64 dataset indices of ``epoch`` (``len(self)`` of them, this rank's share), on ``device``.
+
+        Random draws come from a fresh generator on ``device`` seeded from the sampler's
+        ``(seed, stream, epoch[, rank])`` by :func:`mix_seed`, so the global RNG is never touched.
+        Guarantees: on ``device="cpu"`` exactly what iterating the sampler gives (the same code). On a
+        GPU the same seeds drive the GPU's generator, which gives other numbers than the CPU's: the same
+        distribution, sharding and length, not the same indices. (Drawing on the CPU and copying would
+        make them equal, but would change the orders of existing seeded GPU runs.)"""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.indices(self.epoch, "cpu").tolist()
+
+
+def epoch_indices(sampler: Sampler[int], epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``sampler.indices(epoch, device)``; a sampler that is not an :class:`IndexSampler` (any torch
+    ``Sampler[int]``) is iterated on the host after ``set_epoch(epoch)`` and copied to ``device``."""
+    if isinstance(sampler, IndexSampler):
+        return sampler.indices(epoch, device)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    return torch.as_tensor(list(sampler), dtype=torch.long).to(device)
+
+
+class UniformSampler(IndexSampler):
     """Every image once per epoch, shuffled, sharded by rank.
 
     The epoch's permutation comes from ``torch.Generator().manual_seed(mix_seed(seed, stream_id(stream),
@@ -103,25 +156,25 @@ class UniformSampler(Sampler[int]):
         """The seed of ``epoch``'s permutation (shared by all ranks)."""
         return mix_seed(self.seed, self.stream_id, epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.world_size)
 
-    def __iter__(self) -> Iterator[int]:
+    def indices(self, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """This rank's share of ``epoch``'s permutation (``randperm`` on a generator on ``device``), on
+        ``device``; identical to iterating on the CPU, same permutation distribution elsewhere."""
+        device = torch.device(device)
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.epoch_seed(self.epoch))
-            perm = torch.randperm(self.num_samples, generator=gen)
+            gen = seeded_generator(device, self.epoch_seed(epoch))
+            perm = torch.randperm(self.num_samples, generator=gen, device=device)
         else:
-            perm = torch.arange(self.num_samples)
+            perm = torch.arange(self.num_samples, device=device)
         total = len(self) * self.world_size
         if total > self.num_samples:
             perm = perm.repeat(math.ceil(total / self.num_samples))[:total]
-        yield from perm[self.rank::self.world_size].tolist()
+        return perm[self.rank::self.world_size]
 
 
-class ClassAwareSampler(Sampler[int]):
+class ClassAwareSampler(IndexSampler):
     """Draw a class with probability ``P_c = w_c / sum_j w_j``, then one of its images uniformly.
 
     Each rank yields ``ceil(num_samples / world_size)`` indices (``num_samples`` defaults to the
@@ -154,12 +207,9 @@ class ClassAwareSampler(Sampler[int]):
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.stream, self.stream_id = stream, stream_id(stream)
         self.epoch = 0
-        self._counts = counts
-        self._order = torch.argsort(labels, stable=True)  # image indices grouped by class
-        self._starts = torch.cumsum(counts, 0) - counts  # where each class's group begins
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        order = torch.argsort(labels, stable=True)  # image indices grouped by class
+        starts = torch.cumsum(counts, 0) - counts  # where each class's group begins
+        self._tables = {torch.device("cpu"): (self.class_probs, counts, order, starts)}
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.world_size)
@@ -168,13 +218,24 @@ class ClassAwareSampler(Sampler[int]):
         """The seed of this rank's draws in ``epoch``."""
         return mix_seed(self.seed, self.stream_id, epoch, self.rank)
 
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.epoch_seed(self.epoch))
-        classes = torch.multinomial(self.class_probs, len(self), replacement=True, generator=gen)
-        sizes = self._counts[classes]
-        offsets = (torch.rand(len(self), generator=gen, dtype=torch.float64) * sizes).long()
+    def _tables_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(class_probs, counts, order, starts)`` on ``device`` (copied there once)."""
+        if device not in self._tables:
+            self._tables[device] = tuple(t.to(device) for t in self._tables[torch.device("cpu")])
+        return self._tables[device]
+
+    def indices(self, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``len(self)`` classes drawn from ``P_c``, then a uniform image of each, from one generator on
+        ``device`` seeded by :meth:`epoch_seed`; identical to iterating on the CPU, same distribution
+        elsewhere."""
+        device = torch.device(device)
+        probs, counts, order, starts = self._tables_on(device)
+        gen = seeded_generator(device, self.epoch_seed(epoch))
+        classes = torch.multinomial(probs, len(self), replacement=True, generator=gen)
+        sizes = counts[classes]
+        offsets = (torch.rand(len(self), generator=gen, dtype=torch.float64, device=device) * sizes).long()
         offsets = torch.minimum(offsets, sizes - 1)
-        yield from self._order[self._starts[classes] + offsets].tolist()
+        return order[starts[classes] + offsets]
 
 
 def _class_counts(targets: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -301,9 +362,10 @@ class MultiStreamDataset(Dataset):
         return {name: self.dataset[i] for name, i in zip(self.stream_names, indices, strict=True)}
 
 
-class EvalShardSampler(Sampler[int]):
+class EvalShardSampler(IndexSampler):
     """Sequential evaluation shard ``range(rank, N, world_size)``, without padding, so that metrics
-    synced across ranks count every image exactly once (shards may differ in length by one)."""
+    synced across ranks count every image exactly once (shards may differ in length by one). The
+    same in every epoch."""
 
     def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1) -> None:
         _check_shard(rank, world_size)
@@ -312,5 +374,7 @@ class EvalShardSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(range(self.rank, self.num_samples, self.world_size))
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.world_size))
+    def indices(self, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The shard (``epoch`` does not matter), on ``device``."""
+        # not arange(rank, N, world_size): that fails on a shard that is empty (rank > N)
+        return self.rank + self.world_size * torch.arange(len(self), device=device)

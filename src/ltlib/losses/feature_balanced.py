@@ -36,25 +36,16 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ltlib.errors import LtlibError, check_in_range, unknown_name
-from ltlib.losses._common import (
-    check_logits,
-    check_reduction,
-    check_targets,
-    compute_dtype,
-    prepare_weight,
-    weight_for,
-)
+from ltlib.losses.base import AdjustedCrossEntropyLoss, check_logits, compute_dtype, shape_str
+from ltlib.losses.registry import register_loss
 from ltlib.losses.weights import as_class_counts
 from ltlib.schedules import get_schedule
 
 STIMULI = ("normalized", "log")
 PROGRESS_MODES = ("standard", "official")
-
-_OWNER = "FeatureBalancedLoss"
 
 
 def feature_balanced_stimulus(class_counts: Sequence[int] | Tensor, stimulus: str = "normalized") -> Tensor:
@@ -76,7 +67,8 @@ def feature_balanced_stimulus(class_counts: Sequence[int] | Tensor, stimulus: st
     return s.float()
 
 
-class FeatureBalancedLoss(nn.Module):
+@register_loss("feature_balanced")
+class FeatureBalancedLoss(AdjustedCrossEntropyLoss):
     """Cross-entropy on feature-balanced logits (FBL eq. 5 and 8).
 
     For every class ``j`` the logit becomes ``z_j - alpha(t) * lambda_ * s_j / max(||f||, eps)``,
@@ -100,7 +92,7 @@ class FeatureBalancedLoss(nn.Module):
         weight: optional per-class weights, treated as in ``F.cross_entropy(weight=...)``: ``"mean"``
             is ``sum_i w_{y_i} l_i / sum_i w_{y_i}``. May be replaced later (``loss.weight = w``,
             e.g. for deferred re-weighting); it is not saved in ``state_dict``.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: one of :data:`~ltlib.losses.REDUCTIONS`.
         eps: lower bound on the feature norm, so an all-zero feature gives no division by zero.
         check_finite: raise an :class:`~ltlib.errors.LtlibError` when ``features`` hold NaN or inf.
             The check reads one boolean back from the device, a host sync per call on a GPU; pass
@@ -123,6 +115,8 @@ class FeatureBalancedLoss(nn.Module):
         loss.backward(); optimizer.step()
     """
 
+    extra_inputs = ("features",)  # called as loss(logits, targets, features)
+
     def __init__(
         self,
         class_counts: Sequence[int] | Tensor,
@@ -135,24 +129,23 @@ class FeatureBalancedLoss(nn.Module):
         eps: float = 1e-12,
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
         counts = as_class_counts(class_counts)
         check_in_range("lambda_", float(lambda_), 0.0, math.inf, high_inclusive=False)
         if progress_mode not in PROGRESS_MODES:
             raise unknown_name("progress_mode", progress_mode, PROGRESS_MODES)
         check_in_range("eps", float(eps), 0.0, math.inf, low_inclusive=False, high_inclusive=False)
-        self._schedule_fn = get_schedule(schedule)
-        self.num_classes = counts.numel()
+        schedule_fn = get_schedule(schedule)
+        class_stimulus = feature_balanced_stimulus(counts, stimulus)
+        super().__init__(num_classes=counts.numel(), weight=weight, reduction=reduction)
+        self._schedule_fn = schedule_fn
         self.lambda_ = float(lambda_)
         self.stimulus = stimulus
         self.schedule = schedule
         self.progress_mode = progress_mode
-        self.reduction = check_reduction(reduction)
         self.eps = float(eps)
         self.check_finite = bool(check_finite)
         self._progress = 0.0
-        self.register_buffer("class_stimulus", feature_balanced_stimulus(counts, stimulus), persistent=False)
-        self.register_buffer("weight", prepare_weight(weight, self.num_classes, _OWNER), persistent=False)
+        self.register_buffer("class_stimulus", class_stimulus, persistent=False)
 
     # ---- curriculum -------------------------------------------------------------------------------
     @property
@@ -205,39 +198,39 @@ class FeatureBalancedLoss(nn.Module):
         return float(epoch) / (float(max_epochs) - 10.0)
 
     # ---- loss -------------------------------------------------------------------------------------
-    def _check_features(self, features: Tensor, logits: Tensor) -> None:
+    def check_extra_inputs(self, logits: Tensor, features: Tensor) -> None:
+        """``features`` must be floating ``[B, D]`` (and finite when ``check_finite``)."""
+        owner = self.owner
         if not isinstance(features, Tensor) or features.dim() != 2 or not features.is_floating_point():
-            got = (f"shape [{', '.join(map(str, features.shape))}] {features.dtype}"
-                   if isinstance(features, Tensor) else type(features).__name__)
-            raise LtlibError(f"{_OWNER}: features must be pooled penultimate features of shape [batch, dim]; got {got}")
+            got = (f"shape {shape_str(features)} {features.dtype}" if isinstance(features, Tensor)
+                   else type(features).__name__)
+            raise LtlibError(f"{owner}: features must be pooled penultimate features of shape [batch, dim]; got {got}")
         if features.shape[0] != logits.shape[0]:
             raise LtlibError(
-                f"{_OWNER}: features hold {features.shape[0]} samples but logits hold {logits.shape[0]}"
+                f"{owner}: features hold {features.shape[0]} samples but logits hold {logits.shape[0]}"
             )
         if self.check_finite and not bool(torch.isfinite(features).all()):
             bad = int((~torch.isfinite(features)).sum())
             raise LtlibError(
-                f"{_OWNER}: features contain {bad} non-finite values (NaN or inf) out of {features.numel()}; "
+                f"{owner}: features contain {bad} non-finite values (NaN or inf) out of {features.numel()}; "
                 f"the feature norm must be finite"
             )
 
     def feature_balanced_logits(self, logits: Tensor, features: Tensor) -> Tensor:
         """Return ``z_j^b = z_j - alpha * lambda_ * s_j / max(||f||, eps)`` (eq. 5), shape ``[B, C]``,
         computed in at least float32. Differentiable w.r.t. both ``logits`` and ``features``."""
-        check_logits(logits, self.num_classes, _OWNER)
-        self._check_features(features, logits)
-        dtype = compute_dtype(logits)
-        norms = torch.linalg.vector_norm(features.to(dtype), dim=1, keepdim=True).clamp_min(self.eps)
-        stimulus = self.class_stimulus.to(device=logits.device, dtype=dtype)
-        return logits.to(dtype) - (self.alpha * self.lambda_) * stimulus / norms
+        check_logits(logits, self.num_classes, self.owner)
+        self.check_extra_inputs(logits, features)
+        return self._balanced(logits.to(compute_dtype(logits)), features)
 
-    def forward(self, logits: Tensor, targets: Tensor, features: Tensor) -> Tensor:
-        """FBL (eq. 8): cross-entropy of :meth:`feature_balanced_logits` against ``targets``."""
-        check_logits(logits, self.num_classes, _OWNER)
-        targets = check_targets(targets, logits, _OWNER)
-        balanced = self.feature_balanced_logits(logits, features)
-        weight = weight_for(self.weight, logits, balanced.dtype, _OWNER)
-        return F.cross_entropy(balanced, targets, weight=weight, reduction=self.reduction)
+    def adjusted_logits(self, logits: Tensor, targets: Tensor, features: Tensor) -> Tensor:
+        """Eq. 5 on inputs :meth:`forward` has checked (FBL eq. 8 is cross-entropy on them)."""
+        return self._balanced(logits, features)
+
+    def _balanced(self, logits: Tensor, features: Tensor) -> Tensor:
+        norms = torch.linalg.vector_norm(features.to(logits.dtype), dim=1, keepdim=True).clamp_min(self.eps)
+        stimulus = self.class_stimulus.to(device=logits.device, dtype=logits.dtype)
+        return logits - (self.alpha * self.lambda_) * stimulus / norms
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, lambda_={self.lambda_:g}, stimulus={self.stimulus!r}, "

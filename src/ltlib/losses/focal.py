@@ -3,10 +3,10 @@ al., CVPR 2019: focal loss weighted by the inverse effective number of samples).
 
 The three forms in use, and where each comes from:
 
-* ``"sigmoid"`` (:class:`CBFocalLoss` ``loss_type="sigmoid"``): Cui et al.'s paper and code
-  (``src/cifar_main.py``, ``focal_loss``): one binary focal term ``-(1 - p^t_c)^gamma log p^t_c`` per
-  class, every term of a sample weighted by ``w_y``, summed and divided by the number of positive
-  labels (the batch size). The CB-focal and focal numbers the BBN and two-head papers print on
+* ``"sigmoid"`` (:class:`SigmoidFocalLoss`; :class:`CBFocalLoss` ``loss_type="sigmoid"``): Cui et
+  al.'s paper and code (``src/cifar_main.py``, ``focal_loss``): one binary focal term
+  ``-(1 - p^t_c)^gamma log p^t_c`` per class, every term of a sample weighted by ``w_y``, summed and
+  divided by the number of positive labels, the batch size (``reduction="batch_mean"``). The CB-focal and focal numbers the BBN and two-head papers print on
   CIFAR are Cui et al.'s (their table 2; BBN's CB-focal cells 12.90 and 54.83, cited to Cui et al.,
   are not in it), i.e. this form's.
 * ``"softmax"`` (:class:`FocalLoss`): Lin et al.'s alpha-balanced focal loss on softmax
@@ -15,7 +15,7 @@ The three forms in use, and where each comes from:
 * LDAM-DRW's ``FocalLoss`` (``losses.py``; copied into the FBL repository):
   :class:`LDAMCodeFocalLoss`, ``(1 - exp(-w_y CE))^gamma w_y CE`` -- the modulating factor is computed
   from the *weighted* cross-entropy, i.e. ``(1 - p_t^{w_y})^gamma`` -- averaged with a plain batch
-  mean (``reduction="none"`` then ``.mean()``). Without weights it equals the softmax form. (The FBL
+  mean (``reduction="batch_mean"``). Without weights it equals the softmax form. (The FBL
   copy also detaches ``p``; here, as in LDAM-DRW's code, gradients flow through the factor.)
 """
 
@@ -26,18 +26,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ltlib.errors import check_in_range, unknown_name
-from ltlib.losses._common import (
-    check_logits,
-    check_reduction,
-    check_targets,
-    compute_dtype,
-    prepare_weight,
-    reduce_weighted,
-    weight_for,
-)
+from ltlib.losses.base import LongTailLoss, apply_class_weight
+from ltlib.losses.registry import register_loss
 from ltlib.losses.weights import as_class_counts, class_balanced_weights
 
 FOCAL_TYPES = ("softmax", "sigmoid")
@@ -71,16 +64,17 @@ def _check_gamma(gamma: float) -> float:
     return check_in_range("gamma", float(gamma), 0.0, math.inf, high_inclusive=False)
 
 
-class FocalLoss(nn.Module):
+@register_loss("focal")
+class FocalLoss(LongTailLoss):
     """Softmax focal loss ``l_i = -w_{y_i} (1 - p_t)^gamma log p_t`` (Lin et al.'s alpha-balanced
     focal loss with per-class weights ``w`` as ``alpha_t``; ``p_t = softmax(z)_{y_i}``).
 
     Args:
         gamma: focusing parameter, ``>= 0``; ``gamma=0`` is (weighted) cross-entropy. LDAM-DRW and
             FBL use 1 on CIFAR.
-        weight: optional per-class weights ``[C]``; ``"mean"`` is ``sum w_y l / sum w_y`` as in
-            ``F.cross_entropy(weight=...)``. May be replaced later (``loss.weight = w``).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        weight: optional per-class weights ``[C]``; may be replaced later (``loss.weight = w``).
+        reduction: one of :data:`~ltlib.losses.REDUCTIONS`; ``"mean"`` is ``sum w_y l / sum w_y`` as in
+            ``F.cross_entropy(weight=...)``.
 
     Shapes: ``logits [B, C]``, ``targets [B]`` (int64 class indices).
 
@@ -93,24 +87,73 @@ class FocalLoss(nn.Module):
 
     def __init__(self, gamma: float = 1.0, weight: Tensor | Sequence[float] | None = None,
                  reduction: str = "mean") -> None:
-        super().__init__()
+        super().__init__(weight=weight, reduction=reduction)
         self.gamma = _check_gamma(gamma)
-        self.reduction = check_reduction(reduction)
-        self.register_buffer("weight", prepare_weight(weight, None, "FocalLoss"), persistent=False)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        check_logits(logits, None, "FocalLoss")
-        targets = check_targets(targets, logits, "FocalLoss")
-        dtype = compute_dtype(logits)
-        weight = weight_for(self.weight, logits, dtype, "FocalLoss")
-        losses = _softmax_focal(logits.to(dtype), targets, self.gamma)
-        return reduce_weighted(losses, targets, weight, self.reduction)
+    def per_sample_loss(self, logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:
+        return apply_class_weight(_softmax_focal(logits, targets, self.gamma), targets, weight)
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma:g}, reduction={self.reduction!r}, weighted={self.weight is not None}"
+        return f"gamma={self.gamma:g}, {super().extra_repr()}"
 
 
-class LDAMCodeFocalLoss(nn.Module):
+@register_loss("ce")
+class WeightedCrossEntropy(FocalLoss):
+    """Cross-entropy ``l_i = -w_{y_i} log softmax(z_i)_{y_i}``: :class:`FocalLoss` with ``gamma=0``,
+    the value of ``F.cross_entropy(weight=w)`` (up to rounding).
+
+    Unlike ``nn.CrossEntropyLoss``, the weight stays out of ``state_dict`` and may be replaced between
+    epochs (``loss.weight = w``, e.g. at the DRW switch), and ``reduction`` also takes
+    ``"batch_mean"`` (``sum_i w_{y_i} l_i / B``).
+
+    Args:
+        weight: optional per-class weights ``[C]``.
+        reduction: one of :data:`~ltlib.losses.REDUCTIONS`.
+
+    >>> import torch
+    >>> logits, targets, w = torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), torch.tensor([1.0, 2.0, 4.0])
+    >>> loss = WeightedCrossEntropy(weight=w)(logits, targets)
+    >>> bool(torch.isclose(loss, torch.nn.functional.cross_entropy(logits, targets, weight=w)))
+    True
+    """
+
+    def __init__(self, weight: Tensor | Sequence[float] | None = None, reduction: str = "mean") -> None:
+        super().__init__(0.0, weight=weight, reduction=reduction)
+
+    def extra_repr(self) -> str:
+        return LongTailLoss.extra_repr(self)
+
+
+@register_loss("sigmoid_focal")
+class SigmoidFocalLoss(LongTailLoss):
+    """One-vs-all sigmoid focal loss of Cui et al.'s code, ``l_i = w_{y_i} sum_c -(1 - p^t_c)^gamma
+    log p^t_c`` with ``p^t_c = sigmoid(z_c)`` for the target class and ``1 - sigmoid(z_c)`` otherwise.
+
+    Cui et al.'s code divides by the number of positive labels, the batch size: ``reduction="batch_mean"``.
+    With class-balanced weights this is :class:`CBFocalLoss` ``loss_type="sigmoid"``.
+
+    Args:
+        gamma: focusing parameter, ``>= 0``; 0 gives the (weighted) one-vs-all sigmoid cross-entropy.
+        weight: optional per-class weights ``[C]``; may be replaced later (``loss.weight = w``).
+        reduction: one of :data:`~ltlib.losses.REDUCTIONS`.
+
+    Shapes: ``logits [B, C]``, ``targets [B]`` (int64 class indices).
+    """
+
+    def __init__(self, gamma: float = 1.0, weight: Tensor | Sequence[float] | None = None,
+                 reduction: str = "mean") -> None:
+        super().__init__(weight=weight, reduction=reduction)
+        self.gamma = _check_gamma(gamma)
+
+    def per_sample_loss(self, logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:
+        return apply_class_weight(_sigmoid_focal(logits, targets, self.gamma), targets, weight)
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma:g}, {super().extra_repr()}"
+
+
+@register_loss("ldam_code_focal")
+class LDAMCodeFocalLoss(LongTailLoss):
     """The focal loss of LDAM-DRW's code, ``l_i = (1 - exp(-w_y CE_i))^gamma w_y CE_i``.
 
     LDAM-DRW's ``FocalLoss(weight=w, gamma)`` computes ``CE_i`` as
@@ -119,37 +162,26 @@ class LDAMCodeFocalLoss(nn.Module):
     modulating factor is therefore ``(1 - p_t^{w_y})^gamma`` instead of Lin et al.'s
     ``(1 - p_t)^gamma`` (:class:`~ltlib.losses.FocalLoss`); without weights the two agree.
 
-    Reduction as the other losses here: ``"mean"`` divides by ``sum_i w_{y_i}``. LDAM-DRW's code
-    divides by the batch size: ``LDAMCodeFocalLoss(gamma, w, reduction="none")(z, y).mean()`` is its
-    loss exactly (``BaselineClassifier(focal_form="ldam_code", reduction="batch_mean")``); the two
+    ``"mean"`` divides by ``sum_i w_{y_i}`` as for the other losses; LDAM-DRW's code divides by the
+    batch size, ``reduction="batch_mean"`` (equal to ``reduction="none"`` then ``.mean()``). The two
     differ by the factor ``sum_i w_{y_i} / B``.
     """
 
     def __init__(self, gamma: float = 1.0, weight: Tensor | Sequence[float] | None = None,
                  reduction: str = "mean") -> None:
-        super().__init__()
+        super().__init__(weight=weight, reduction=reduction)
         self.gamma = _check_gamma(gamma)
-        self.reduction = check_reduction(reduction)
-        self.register_buffer("weight", prepare_weight(weight, None, "LDAMCodeFocalLoss"), persistent=False)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        check_logits(logits, None, "LDAMCodeFocalLoss")
-        targets = check_targets(targets, logits, "LDAMCodeFocalLoss")
-        dtype = compute_dtype(logits)
-        weight = weight_for(self.weight, logits, dtype, "LDAMCodeFocalLoss")
-        weighted_ce = F.cross_entropy(logits.to(dtype), targets, weight=weight, reduction="none")
-        losses = (-torch.expm1(-weighted_ce)).clamp_min(_MIN_ONE_MINUS_P) ** self.gamma * weighted_ce
-        if self.reduction == "none":
-            return losses
-        if self.reduction == "sum":
-            return losses.sum()
-        return losses.mean() if weight is None else losses.sum() / weight[targets].sum()
+    def per_sample_loss(self, logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:
+        weighted_ce = F.cross_entropy(logits, targets, weight=weight, reduction="none")
+        return (-torch.expm1(-weighted_ce)).clamp_min(_MIN_ONE_MINUS_P) ** self.gamma * weighted_ce
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma:g}, reduction={self.reduction!r}, weighted={self.weight is not None}"
+        return f"gamma={self.gamma:g}, {super().extra_repr()}"
 
 
-class CBFocalLoss(nn.Module):
+@register_loss("cb_focal")
+class CBFocalLoss(LongTailLoss):
     """Class-balanced focal loss (Cui et al., CVPR 2019): focal loss weighted by
     :func:`~ltlib.losses.class_balanced_weights`, ``w_c ∝ (1 - beta) / (1 - beta^{n_c})`` (the
     inverse effective number of samples), normalised to sum to ``C``.
@@ -159,16 +191,18 @@ class CBFocalLoss(nn.Module):
         beta: effective-number hyper-parameter in [0, 1); 0 gives equal weights.
         gamma: focusing parameter, ``>= 0``.
         loss_type: ``"softmax"`` (default): ``l_i = -w_{y_i} (1 - p_t)^gamma log p_t`` with softmax
-            probabilities (Lin et al.'s alpha-balanced form with ``alpha_t = w_y``). ``"sigmoid"``: Cui
-            et al.'s own form (their paper's eq. and ``src/cifar_main.py``),
-            ``l_i = w_{y_i} sum_c -(1 - p^t_c)^gamma log p^t_c`` with one sigmoid per class.
-        reduction: ``"mean"`` (weighted mean ``sum w_y l / sum w_y``, as ``F.cross_entropy``),
-            ``"sum"`` or ``"none"`` (``w_{y_i} l_i``). Cui et al.'s code divides the sum by the number
-            of positive labels, the batch size: ``CBFocalLoss(..., reduction="none")(logits,
-            targets).mean()``.
+            probabilities (Lin et al.'s alpha-balanced form with ``alpha_t = w_y``, as
+            :class:`FocalLoss`). ``"sigmoid"``: Cui et al.'s own form (their paper's eq. and
+            ``src/cifar_main.py``), ``l_i = w_{y_i} sum_c -(1 - p^t_c)^gamma log p^t_c`` with one sigmoid
+            per class (as :class:`SigmoidFocalLoss`).
+        reduction: one of :data:`~ltlib.losses.REDUCTIONS`: ``"mean"`` (weighted mean
+            ``sum w_y l / sum w_y``, as ``F.cross_entropy``), ``"sum"``, ``"none"`` (``w_{y_i} l_i``)
+            or ``"batch_mean"``: Cui et al.'s code divides the sum by the number of positive labels,
+            the batch size.
 
+    The weights are set from the counts and kept in ``weight``, which may be replaced later.
     Class-balanced cross-entropy (CB softmax) needs no class of its own:
-    ``torch.nn.CrossEntropyLoss(weight=class_balanced_weights(class_counts, beta))``.
+    ``create_loss("ce", weight=class_balanced_weights(class_counts, beta))``.
 
     >>> import torch
     >>> loss_fn = CBFocalLoss([500, 50, 5], beta=0.999, gamma=1.0)
@@ -180,25 +214,19 @@ class CBFocalLoss(nn.Module):
 
     def __init__(self, class_counts: Sequence[int] | Tensor, beta: float = 0.9999, gamma: float = 1.0,
                  loss_type: str = "softmax", reduction: str = "mean") -> None:
-        super().__init__()
         counts = as_class_counts(class_counts)
         if loss_type not in FOCAL_TYPES:
             raise unknown_name("loss_type", loss_type, FOCAL_TYPES)
-        self.num_classes = counts.numel()
+        gamma = _check_gamma(gamma)
+        weight = class_balanced_weights(counts, float(beta))
+        super().__init__(num_classes=counts.numel(), weight=weight, reduction=reduction)
         self.beta = float(beta)
-        self.gamma = _check_gamma(gamma)
+        self.gamma = gamma
         self.loss_type = loss_type
-        self.reduction = check_reduction(reduction)
-        self.register_buffer("weight", class_balanced_weights(counts, self.beta), persistent=False)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        check_logits(logits, self.num_classes, "CBFocalLoss")
-        targets = check_targets(targets, logits, "CBFocalLoss")
-        dtype = compute_dtype(logits)
-        weight = weight_for(self.weight, logits, dtype, "CBFocalLoss")
+    def per_sample_loss(self, logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:
         per_sample = _softmax_focal if self.loss_type == "softmax" else _sigmoid_focal
-        losses = per_sample(logits.to(dtype), targets, self.gamma)
-        return reduce_weighted(losses, targets, weight, self.reduction)
+        return apply_class_weight(per_sample(logits, targets, self.gamma), targets, weight)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, beta={self.beta:g}, gamma={self.gamma:g}, "

@@ -19,17 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ltlib.errors import LtlibError, check_in_range
-from ltlib.losses._common import (
-    check_logits,
-    check_reduction,
-    check_targets,
-    compute_dtype,
-    prepare_weight,
-    weight_for,
-)
+from ltlib.losses.base import AdjustedCrossEntropyLoss
+from ltlib.losses.registry import register_loss
 from ltlib.losses.weights import as_class_counts
-
-_OWNER = "LDAMLoss"
 
 
 def ldam_margins(class_counts: Sequence[int] | Tensor, max_margin: float = 0.5) -> Tensor:
@@ -44,7 +36,8 @@ def ldam_margins(class_counts: Sequence[int] | Tensor, max_margin: float = 0.5) 
     return (margins * (float(max_margin) / margins.max())).float()
 
 
-class LDAMLoss(nn.Module):
+@register_loss("ldam")
+class LDAMLoss(AdjustedCrossEntropyLoss):
     """LDAM loss: ``CE(s * (z - Delta_y e_y), y)`` with ``Delta_j = C / n_j^{1/4}``, ``max_j Delta_j =
     max_margin`` (Cao et al.'s softmax LDAM loss).
 
@@ -55,7 +48,7 @@ class LDAMLoss(nn.Module):
             [-1, 1], e.g. from :class:`NormedLinear`.
         weight: optional per-class weights (DRW), handled as in ``F.cross_entropy(weight=...)``;
             may be replaced later (``loss.weight = w``); not saved in ``state_dict``.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: one of :data:`~ltlib.losses.REDUCTIONS`.
 
     Shapes: ``logits [B, C]``, ``targets [B]`` (int64 class indices).
 
@@ -69,25 +62,18 @@ class LDAMLoss(nn.Module):
 
     def __init__(self, class_counts: Sequence[int] | Tensor, max_margin: float = 0.5, scale: float = 30.0,
                  weight: Tensor | Sequence[float] | None = None, reduction: str = "mean") -> None:
-        super().__init__()
         counts = as_class_counts(class_counts)
         check_in_range("scale", float(scale), 0.0, math.inf, low_inclusive=False, high_inclusive=False)
-        self.num_classes = counts.numel()
+        margins = ldam_margins(counts, max_margin)
+        super().__init__(num_classes=counts.numel(), weight=weight, reduction=reduction)
         self.max_margin = float(max_margin)
         self.scale = float(scale)
-        self.reduction = check_reduction(reduction)
-        self.register_buffer("margins", ldam_margins(counts, max_margin), persistent=False)
-        self.register_buffer("weight", prepare_weight(weight, self.num_classes, _OWNER), persistent=False)
+        self.register_buffer("margins", margins, persistent=False)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        check_logits(logits, self.num_classes, _OWNER)
-        targets = check_targets(targets, logits, _OWNER)
-        dtype = compute_dtype(logits)
-        margins = self.margins.to(device=logits.device, dtype=dtype)
-        target_margin = -margins[targets].unsqueeze(1)
-        adjusted = logits.to(dtype).scatter_add(1, targets.unsqueeze(1), target_margin)
-        weight = weight_for(self.weight, logits, dtype, _OWNER)
-        return F.cross_entropy(self.scale * adjusted, targets, weight=weight, reduction=self.reduction)
+    def adjusted_logits(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """``s * (z - Delta_y e_y)``."""
+        margins = self.margins.to(device=logits.device, dtype=logits.dtype)
+        return self.scale * logits.scatter_add(1, targets.unsqueeze(1), -margins[targets].unsqueeze(1))
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, max_margin={self.max_margin:g}, scale={self.scale:g}, "

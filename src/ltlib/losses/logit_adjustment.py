@@ -13,18 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ltlib.errors import check_in_range
-from ltlib.losses._common import (
-    check_logits,
-    check_reduction,
-    check_targets,
-    compute_dtype,
-    prepare_weight,
-    weight_for,
-)
+from ltlib.losses.base import AdjustedCrossEntropyLoss, check_logits, compute_dtype
+from ltlib.losses.registry import register_loss
 from ltlib.losses.weights import as_class_counts
 
 
@@ -53,7 +46,8 @@ def posthoc_logit_adjustment(logits: Tensor, class_counts: Sequence[int] | Tenso
     return logits.to(dtype) - tau * log_prior.to(device=logits.device, dtype=dtype)
 
 
-class LogitAdjustedLoss(nn.Module):
+@register_loss("logit_adjusted")
+class LogitAdjustedLoss(AdjustedCrossEntropyLoss):
     """Logit-adjusted cross-entropy ``CE(z + tau * log pi, y)`` (Menon et al.); predict with raw ``z``.
 
     Args:
@@ -61,7 +55,7 @@ class LogitAdjustedLoss(nn.Module):
         tau: adjustment strength, ``>= 0``; 0 gives plain cross-entropy.
         weight: optional per-class weights, handled as in ``F.cross_entropy(weight=...)``; may be
             replaced later (``loss.weight = w``); not saved in ``state_dict``.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: one of :data:`~ltlib.losses.REDUCTIONS`.
 
     Shapes: ``logits [B, C]``, ``targets [B]`` (int64 class indices).
 
@@ -73,22 +67,15 @@ class LogitAdjustedLoss(nn.Module):
 
     def __init__(self, class_counts: Sequence[int] | Tensor, tau: float = 1.0,
                  weight: Tensor | Sequence[float] | None = None, reduction: str = "mean") -> None:
-        super().__init__()
         log_prior = log_class_priors(class_counts)
-        self.num_classes = log_prior.numel()
-        self.tau = _check_tau(tau)
-        self.reduction = check_reduction(reduction)
+        tau = _check_tau(tau)
+        super().__init__(num_classes=log_prior.numel(), weight=weight, reduction=reduction)
+        self.tau = tau
         self.register_buffer("log_prior", log_prior, persistent=False)
-        self.register_buffer("weight", prepare_weight(weight, self.num_classes, "LogitAdjustedLoss"),
-                             persistent=False)
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        check_logits(logits, self.num_classes, "LogitAdjustedLoss")
-        targets = check_targets(targets, logits, "LogitAdjustedLoss")
-        dtype = compute_dtype(logits)
-        adjusted = logits.to(dtype) + self.tau * self.log_prior.to(device=logits.device, dtype=dtype)
-        weight = weight_for(self.weight, logits, dtype, "LogitAdjustedLoss")
-        return F.cross_entropy(adjusted, targets, weight=weight, reduction=self.reduction)
+    def adjusted_logits(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """``z + tau * log pi``."""
+        return logits + self.tau * self.log_prior.to(device=logits.device, dtype=logits.dtype)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, tau={self.tau:g}, reduction={self.reduction!r}"

@@ -4,20 +4,23 @@ class-division model (two-head paper, eq. 4: ``L_2 = -1/N sum_i sum_k q_ik log p
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ltlib.errors import LtlibError
-from ltlib.losses._common import check_logits, check_reduction, compute_dtype
+from ltlib.losses.base import LongTailLoss, shape_str
+from ltlib.losses.registry import register_loss
 
 
-class SoftTargetCrossEntropy(nn.Module):
+@register_loss("soft_target_ce")
+class SoftTargetCrossEntropy(LongTailLoss):
     """``l_i = -sum_k q_ik log softmax(z_i)_k`` for target distributions ``q`` of shape ``[B, C]``.
 
     The targets are used as given (not renormalised, not checked to sum to 1, which would need a host
-    sync); with one-hot targets this is plain cross-entropy.
+    sync); with one-hot targets this is plain cross-entropy. It has no per-class weights (a sample
+    has no single class ``y_i``), so ``"mean"`` and ``"batch_mean"`` are both the batch mean.
 
     Args:
-        reduction: ``"mean"`` (over the batch), ``"sum"`` or ``"none"``.
+        reduction: one of :data:`~ltlib.losses.REDUCTIONS`.
 
     >>> import torch
     >>> logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
@@ -26,24 +29,24 @@ class SoftTargetCrossEntropy(nn.Module):
     True
     """
 
-    def __init__(self, reduction: str = "mean") -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
+    takes_weight = False
 
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        check_logits(logits, None, "SoftTargetCrossEntropy")
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
+
+    def check_targets(self, targets: Tensor, logits: Tensor) -> Tensor:
+        """``targets`` must be a floating tensor shaped like the logits, ``[B, C]``."""
         if not isinstance(targets, Tensor) or not targets.is_floating_point() or targets.shape != logits.shape:
-            got = (f"shape [{', '.join(map(str, targets.shape))}] {targets.dtype}"
-                   if isinstance(targets, Tensor) else type(targets).__name__)
+            got = (f"shape {shape_str(targets)} {targets.dtype}" if isinstance(targets, Tensor)
+                   else type(targets).__name__)
             raise LtlibError(
-                f"SoftTargetCrossEntropy: targets must be a floating tensor shaped like the logits "
-                f"[{', '.join(map(str, logits.shape))}]; got {got}"
+                f"{self.owner}: targets must be a floating tensor shaped like the logits "
+                f"{shape_str(logits)}; got {got}"
             )
-        dtype = compute_dtype(logits)
-        losses = -(targets.to(dtype) * F.log_softmax(logits.to(dtype), dim=1)).sum(dim=1)
-        if self.reduction == "none":
-            return losses
-        return losses.sum() if self.reduction == "sum" else losses.mean()
+        return targets
+
+    def per_sample_loss(self, logits: Tensor, targets: Tensor, weight: Tensor | None) -> Tensor:
+        return -(targets.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"

@@ -11,6 +11,7 @@ the configured one with :meth:`add_evaluation_variants` and :meth:`evaluate_vari
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,8 +24,11 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 
 from ltlib.analysis.weight_norms import classifier_weight_norms, plot_weight_norms, weight_norm_summary
-from ltlib.errors import LtlibError, check_in_range
+from ltlib.errors import LtlibError, check_choice, check_in_range
+from ltlib.methods.reweighting import ClassReweighting
 from ltlib.metrics import LongTailMetrics
+
+log = logging.getLogger("ltlib")
 
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 #: How a method's linear classifier layers are initialised (``method.classifier_weight_init``).
@@ -60,8 +64,7 @@ class OptimConfig:
         check_in_range("optim.warmup_epochs", self.warmup_epochs, 0)
         check_in_range("optim.warmup_start_factor", self.warmup_start_factor, 0.0, 1.0)
         check_in_range("optim.decay_factor", self.decay_factor, 0.0, 1.0, low_inclusive=False)
-        if self.schedule not in LR_SCHEDULES:
-            raise LtlibError(f"unknown optim.schedule {self.schedule!r}; available: {', '.join(LR_SCHEDULES)}")
+        check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
         self.milestones = sorted(int(m) for m in self.milestones)
 
     def lr_factor(self, step: int, steps_per_epoch: int, max_epochs: int) -> float:
@@ -80,6 +83,13 @@ class OptimConfig:
             floor = self.min_lr / self.lr
             factor *= floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
         return factor
+
+
+def plain_container(value: Any) -> Any:
+    """``value`` with OmegaConf containers turned into plain dicts and lists."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
 
 
 def resolve_classifier_init(name: str, backbone: nn.Module) -> str:
@@ -108,7 +118,16 @@ def init_classifier(classifier: nn.Module, scheme: str) -> None:
 
 
 class LongTailMethod(L.LightningModule):
-    """Base of every method: a backbone, a linear classifier, and the shared training machinery.
+    """Base of every method: a backbone, a classification head, and the shared training machinery.
+
+    The protocol other parts of ltlib read (declared here, overridden by the methods that differ):
+    :attr:`train_streams` and :attr:`train_with_index` (what the DataModule feeds), :meth:`compute_loss`,
+    :meth:`evaluate_logits`, :meth:`penultimate_features` (the classifier's input: feature analyses),
+    :meth:`class_weight_norms` (per-class classifier weight norms: ``on_run_end`` and the diagnostics),
+    :meth:`freeze` (submodules kept fixed and in eval mode), :meth:`set_class_reweighting` /
+    :meth:`active_class_weights` (per-class loss weights, deferred or not) and :meth:`on_run_end`.
+    Hyper-parameters are the constructor's arguments (``save_hyperparameters``), so
+    ``load_from_checkpoint(path, backbone=..., class_counts=...)`` rebuilds any method.
 
     Args:
         backbone: a zoo backbone (``ltlib.backbones.create_backbone``) exposing ``out_dim``.
@@ -125,10 +144,15 @@ class LongTailMethod(L.LightningModule):
             backbone (the nets those codes build), ``pytorch`` on every other backbone;
             ``xavier_uniform``: Glorot-uniform weight and zero bias, TensorFlow's dense-layer default (Cui et
             al.'s class-balanced-loss code, whose numbers BBN table 1 prints for CE, Focal and CB-Focal).
+        head: the classification head; ``None`` builds ``nn.Linear(backbone.out_dim, num_classes)``.
+            Methods with another head (BBN's bilateral classifier, LDAM's cosine classifier, the
+            two-head model's K-way head) build it and pass it here.
     """
 
     #: stream name -> sampler name; the DataModule reads this to build the training batches.
     train_streams: Mapping[str, str] = {"main": "uniform"}
+    #: whether training batches carry each image's dataset position as a third entry (the two-head model).
+    train_with_index: bool = False
     #: the alternative evaluation rules (set by :meth:`add_evaluation_variants`).
     _variant_names: tuple[str, ...] = ()
 
@@ -142,6 +166,7 @@ class LongTailMethod(L.LightningModule):
         many_threshold: int = 100,
         few_threshold: int = 20,
         classifier_weight_init: str = "pytorch",
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if type(self).compute_loss is LongTailMethod.compute_loss:
@@ -149,18 +174,23 @@ class LongTailMethod(L.LightningModule):
         if len(class_counts) != num_classes:
             raise LtlibError(f"class_counts has {len(class_counts)} entries; expected num_classes={num_classes}")
         self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**dict(optim or {}))
-        self.save_hyperparameters({"num_classes": num_classes, "optim": asdict(self.optim)})
+        # Every constructor argument of the whole __init__ chain (the subclass's too), except what a checkpoint
+        # cannot or need not hold: modules and the data's counts and names (load_from_checkpoint takes them).
+        self.save_hyperparameters(ignore=["backbone", "head", "class_counts", "class_names", "optim"])
+        # Plain containers (Hydra passes DictConfig / ListConfig), so that checkpoints load with weights_only.
+        self.save_hyperparameters({**{k: plain_container(v) for k, v in self.hparams.items()},
+                                   "optim": asdict(self.optim)})
         self.backbone = backbone
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
         self.register_buffer("class_counts", torch.as_tensor(list(class_counts), dtype=torch.long), persistent=False)
-        if classifier_weight_init not in CLASSIFIER_INITS:
-            raise LtlibError(f"method.classifier_weight_init={classifier_weight_init!r} is not allowed; use one of "
-                             f"{', '.join(CLASSIFIER_INITS)}")
-        self.classifier = self.build_classifier(backbone.out_dim, num_classes)
+        check_choice("method.classifier_weight_init", classifier_weight_init, CLASSIFIER_INITS)
+        self.classifier = head if head is not None else nn.Linear(backbone.out_dim, num_classes)
         self.classifier_weight_init = resolve_classifier_init(classifier_weight_init, backbone)
         init_classifier(self.classifier, self.classifier_weight_init)
-        self.save_hyperparameters({"classifier_weight_init": self.classifier_weight_init})
+        self._frozen: list[nn.Module] = []
+        self.reweighting = ClassReweighting()
+        self.register_buffer("class_weights", None, persistent=False)
         metric_args = dict(num_classes=num_classes, class_counts=list(class_counts),
                            many_threshold=many_threshold, few_threshold=few_threshold)
         self.val_metrics = LongTailMetrics(**metric_args)
@@ -178,16 +208,68 @@ class LongTailMethod(L.LightningModule):
         self.last_metrics: dict[str, dict[str, Tensor]] = {}
 
     # ----------------------------------------------------------------- model
-    def build_classifier(self, in_features: int, num_classes: int) -> nn.Module:
-        """The classification head; methods with another head (LDAM's cosine classifier) override."""
-        return nn.Linear(in_features, num_classes)
-
     def forward(self, images: Tensor) -> Tensor:
         return self.classifier(self.backbone(images))
 
     def evaluate_logits(self, images: Tensor) -> Tensor:
         """Logits used for validation and test (BBN overrides: both branches, alpha = 0.5)."""
         return self(images)
+
+    def penultimate_features(self, images: Tensor) -> Tensor:
+        """The representation the classifier reads, ``[B, D]`` (BBN: ``[f_c, f_r]``; cRT: the frozen features)."""
+        return self.backbone(images)
+
+    def class_weight_norms(self) -> dict[str, Tensor]:
+        """Per-class l2-norms of the classifier weights as they act at inference, ``{name: [C]}`` (BBN figure 4,
+        two-head figure 3); empty when the head has no ``[C, D]`` weight. Methods with another head override."""
+        weight = getattr(self.classifier, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[0] != self.num_classes:
+            return {}
+        return {"classifier": classifier_weight_norms(weight)}
+
+    def freeze(self, *modules: nn.Module) -> None:
+        """Fix ``modules``: no gradients, and eval mode kept through every ``train()`` call (their batch-norm
+        statistics never update). cRT's stage-1 representation, FBL's pretrained trunk, an ensemble's members."""
+        for module in modules:
+            module.requires_grad_(False)
+            module.eval()
+            self._frozen.append(module)
+
+    def train(self, mode: bool = True) -> LongTailMethod:
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    # ------------------------------------------------------ class re-weighting
+    def set_class_reweighting(self, reweighting: ClassReweighting) -> None:
+        """Use per-class loss weights (``reweighting.weighting``) from ``reweighting.from_epoch`` on; the
+        weights are a non-persistent buffer (they follow the module's device)."""
+        self.reweighting = reweighting
+        self.class_weights = reweighting.weights(self.class_counts.tolist())
+
+    @property
+    def reweight_epoch(self) -> int:
+        """The first epoch (0-based) whose loss uses the class weights (:meth:`ClassReweighting.start_epoch`)."""
+        return self.reweighting.start_epoch(self.optim, self.max_epochs)
+
+    def active_class_weights(self, epoch: int | None = None) -> Tensor | None:
+        """The per-class loss weights in force in ``epoch`` (default: the current one; None: unweighted, or
+        before :attr:`reweight_epoch`)."""
+        epoch = self.current_epoch if epoch is None else epoch
+        if self.class_weights is None or epoch < self.reweight_epoch:
+            return None
+        return self.class_weights
+
+    def on_train_start(self) -> None:
+        if self.class_weights is not None and self.reweight_epoch >= self.max_epochs:
+            log.warning("reweight_from_epoch=%d >= max_epochs=%d: the class weights never switch on",
+                        self.reweight_epoch, self.max_epochs)
+
+    def on_train_epoch_start(self) -> None:
+        if self.class_weights is not None and self.reweighting.deferred(self.optim, self.max_epochs):
+            on = float(self.active_class_weights() is not None)
+            self.log("train/class_weights_on", on, on_step=False, on_epoch=True)
 
     # ---------------------------------------------------- evaluation variants
     @property
@@ -320,11 +402,10 @@ class LongTailMethod(L.LightningModule):
     def on_run_end(self, output_dir: Path) -> dict[str, Any]:
         """Called once, on rank 0, after the final evaluation: write method-specific analysis files to
         ``output_dir`` and return extra entries for ``results.json``. The default plots the classifier's
-        per-class weight norms (BBN figure 4, two-head figure 3) to ``weight_norms.png``."""
-        weight = getattr(self.classifier, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2:
+        per-class weight norms (:meth:`class_weight_norms`; BBN figure 4) to ``weight_norms.png``."""
+        norms = self.class_weight_norms()
+        if not norms:
             return {}
-        norms = {"classifier": classifier_weight_norms(weight)}
         plot_weight_norms(norms, self.class_counts.tolist(), Path(output_dir) / "weight_norms.png",
                           title=f"Classifier weight norms ({type(self).__name__})")
         return {"weight_norms": weight_norm_summary(norms)}

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from ltlib.analysis.weight_norms import classifier_weight_norms, plot_weight_norms, weight_norm_summary
 from ltlib.data.samplers import check_sampler
-from ltlib.errors import LtlibError, check_in_range, unknown_name
-from ltlib.methods.base import LongTailMethod, OptimConfig
+from ltlib.errors import check_in_range, check_int, unknown_name
+from ltlib.methods.base import LongTailMethod
 from ltlib.schedules import BetaSchedule, get_schedule, list_schedules
 
 COMBINERS = ("official", "paper")
@@ -112,11 +112,7 @@ class BBN(LongTailMethod):
     """
 
     def __init__(
-        self,
-        backbone: nn.Module,
-        num_classes: int,
-        class_counts: Sequence[int],
-        optim: OptimConfig | Mapping[str, Any] | None = None,
+        self, backbone: nn.Module, num_classes: int, class_counts: Sequence[int], *,
         rebalancing_sampler: str = "reversed",
         combiner: str = "official",
         classifier_bias: bool = True,
@@ -137,13 +133,11 @@ class BBN(LongTailMethod):
             raise unknown_name("BBN adaptor", adaptor, list_schedules())
         if alpha is not None:
             check_in_range("BBN alpha", alpha, 0.0, 1.0)
-        if adaptor_epochs is not None and (isinstance(adaptor_epochs, bool) or not isinstance(adaptor_epochs, int)
-                                           or adaptor_epochs < 1):
-            raise LtlibError(f"BBN adaptor_epochs={adaptor_epochs!r} is invalid; allowed: an integer >= 1 or null")
-        # Read by build_classifier, which the base class calls.
+        check_int("BBN adaptor_epochs", adaptor_epochs, 1, optional=True)
+        head = BilateralClassifier(backbone.out_dim, num_classes, combiner, bool(classifier_bias))
+        super().__init__(backbone, num_classes, class_counts, head=head, **kwargs)
         self.combiner = combiner
         self.classifier_bias = bool(classifier_bias)
-        super().__init__(backbone, num_classes, class_counts, optim, **kwargs)
         self.rebalancing_block = backbone.copy_last_block()
         self.train_streams = {"conventional": "uniform", "rebalancing": rebalancing_sampler}
         self.adaptor_name = adaptor
@@ -155,16 +149,8 @@ class BBN(LongTailMethod):
         self.adaptor_seed = int(adaptor_seed)
         self._alpha_sum = 0.0
         self._alpha_steps = 0
-        self.save_hyperparameters({
-            "rebalancing_sampler": rebalancing_sampler, "combiner": combiner, "classifier_bias": self.classifier_bias,
-            "adaptor": adaptor, "alpha": self.fixed_alpha, "alpha_per_step": self.alpha_per_step,
-            "adaptor_epochs": adaptor_epochs, "trunk_pass": trunk_pass, "adaptor_seed": self.adaptor_seed,
-        })
 
     # ----------------------------------------------------------------- model
-    def build_classifier(self, in_features: int, num_classes: int) -> nn.Module:
-        return BilateralClassifier(in_features, num_classes, self.combiner, self.classifier_bias)
-
     def conventional_features(self, images: Tensor) -> Tensor:
         """``f_c``: trunk, conventional block (the backbone's last block), global average pooling."""
         return self.backbone.pool(self.backbone.last_block(self.backbone.trunk(images)))
@@ -233,6 +219,7 @@ class BBN(LongTailMethod):
         return alpha * F.cross_entropy(logits, targets_c) + (1.0 - alpha) * F.cross_entropy(logits, targets_r)
 
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         self._alpha_sum, self._alpha_steps = 0.0, 0
 
     def on_train_epoch_end(self) -> None:
@@ -243,15 +230,17 @@ class BBN(LongTailMethod):
                      sync_dist=True)
 
     # ------------------------------------------------------------ end of run
+    def class_weight_norms(self) -> dict[str, Tensor]:
+        """Per-class l2-norms of ``W_c``, ``W_r`` and ``[W_c, W_r]`` as they act at inference (BBN figure 4's
+        BBN-CB, BBN-RB and BBN-ALL)."""
+        w_c, w_r = self.classifier.inference_weights()
+        return {"BBN-CB (W_c)": classifier_weight_norms(w_c), "BBN-RB (W_r)": classifier_weight_norms(w_r),
+                "BBN-ALL ([W_c, W_r])": classifier_weight_norms(torch.cat((w_c, w_r), dim=1))}
+
     def on_run_end(self, output_dir: Path) -> dict[str, Any]:
         """BBN figure 4: per-class l2-norms of W_c, W_r and the combined classifier [W_c, W_r] (the
         weights as they act at inference), with their standard deviation, in ``weight_norms.png``."""
-        w_c, w_r = self.classifier.inference_weights()
-        norms = {
-            "BBN-CB (W_c)": classifier_weight_norms(w_c),
-            "BBN-RB (W_r)": classifier_weight_norms(w_r),
-            "BBN-ALL ([W_c, W_r])": classifier_weight_norms(torch.cat((w_c, w_r), dim=1)),
-        }
+        norms = self.class_weight_norms()
         plot_weight_norms(norms, self.class_counts.tolist(), Path(output_dir) / "weight_norms.png",
                           title=f"BBN classifier weight norms ({self.combiner} combiner)")
         return {"weight_norms": weight_norm_summary(norms)}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ltlib.errors import LtlibError, check_in_range, unknown_name
+from ltlib.errors import LtlibError, check_in_range, check_int, unknown_name
 
 CLUSTERINGS = ("random", "kmeans", "hierarchical")
 PREDICTION_RULES = ("max_logit", "sum_prob")
@@ -32,9 +32,7 @@ NORM_REDUCTIONS = ("mean", "max")
 
 def check_u(u: object) -> int:
     """``u`` (clusters of the largest class) must be an integer >= 1."""
-    if isinstance(u, bool) or not isinstance(u, int | np.integer) or u < 1:
-        raise LtlibError(f"u={u!r} is invalid; allowed: an integer >= 1 (clusters of the largest class)")
-    return int(u)
+    return check_int("u", u, 1, meaning="clusters of the largest class")
 
 
 def clusters_per_class(class_counts: Sequence[int], u: int) -> list[int]:

@@ -17,7 +17,6 @@ and conventional block, "BBN-CB"), ``rebalancing`` (trunk and re-balancing block
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,8 +29,9 @@ from torch import Tensor, nn
 from ltlib.backbones.base import state_dict_mismatches
 from ltlib.data.samplers import check_sampler
 from ltlib.errors import LtlibError, unknown_name
-from ltlib.methods.base import LongTailMethod, OptimConfig
-from ltlib.methods.standard import make_class_weights
+from ltlib.methods.base import LongTailMethod
+from ltlib.methods.reweighting import ClassReweighting
+from ltlib.runs import RunDir, read_state_dict
 
 BRANCHES = ("conventional", "rebalancing", "both")
 CLASSIFIER_INITS = ("scratch", "stage1")
@@ -46,16 +46,8 @@ def load_stage1_state(path: str | Path | None, option: str = "method.stage1_chec
     """
     if path is None or str(path) == "":
         raise LtlibError(f"{option} is required: the stage-1 run's checkpoints/best.ckpt (or last.ckpt)")
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise LtlibError(f"{option}={str(path)!r}: no checkpoint file there")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LtlibError(f"{option}={str(path)!r} could not be read as a checkpoint: {reason}") from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping) or not any(str(k).startswith(_BACKBONE) for k in state):
+    state = read_state_dict(path, key=option)
+    if not any(str(k).startswith(_BACKBONE) for k in state):
         raise LtlibError(f"{option}={str(path)!r} holds no ltlib model (no backbone.* weights); "
                          "give a checkpoint written by python -m ltlib.run")
     return {str(k): v for k, v in state.items() if isinstance(v, Tensor)}
@@ -97,19 +89,11 @@ def load_exactly(module: nn.Module, state: Mapping[str, Tensor], what: str, hint
     module.load_state_dict(dict(state), strict=True)
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """Stop gradients into ``module`` and put it in eval mode (batch-norm statistics stay as they are)."""
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module.eval()
-
-
 def _stage1_backbone_hint(path: str | Path) -> str:
     """" (stage 1 used backbone=NAME)" from the stage-1 run's results.json, when there is one."""
-    results = Path(path).expanduser().resolve().parent.parent / "results.json"
     try:
-        name = json.loads(results.read_text())["config"]["backbone"]["name"]
-    except (OSError, ValueError, KeyError, TypeError):
+        name = RunDir.containing(Path(path).expanduser().resolve()).results()["config"]["backbone"]["name"]
+    except (LtlibError, KeyError, TypeError):
         return "; use the stage-1 run's backbone"
     return f"; stage 1 used backbone={name}"
 
@@ -131,11 +115,7 @@ class ClassifierRetraining(LongTailMethod):
     """
 
     def __init__(
-        self,
-        backbone: nn.Module,
-        num_classes: int,
-        class_counts: Sequence[int],
-        optim: OptimConfig | Mapping[str, Any] | None = None,
+        self, backbone: nn.Module, num_classes: int, class_counts: Sequence[int], *,
         stage1_checkpoint: str | None = None,
         branch: str = "conventional",
         sampler: str = "class_balanced",
@@ -151,40 +131,28 @@ class ClassifierRetraining(LongTailMethod):
             raise unknown_name("crt classifier_init", classifier_init, CLASSIFIER_INITS)
         state = load_stage1_state(stage1_checkpoint)
         backbone_state, rebalancing_state = representation_state(state, branch)
-        self.branch = branch  # read by build_classifier, which the base class calls
-        super().__init__(backbone, num_classes, class_counts, optim, **kwargs)
+        reweighting = ClassReweighting(class_weighting, float(beta))
+        in_features = 2 * backbone.out_dim if branch == "both" else backbone.out_dim
+        super().__init__(backbone, num_classes, class_counts, head=nn.Linear(in_features, num_classes), **kwargs)
+        self.branch = branch
         hint = _stage1_backbone_hint(stage1_checkpoint)
         source = f"the representation in {stage1_checkpoint}"
         load_exactly(self.backbone, backbone_state, f"{source} (branch {branch})", hint)
-        self.frozen_modules = ["backbone"]
+        self.freeze(self.backbone)
         if rebalancing_state is not None:
             self.rebalancing_block = backbone.copy_last_block()
             load_exactly(self.rebalancing_block, rebalancing_state, f"the re-balancing block in {stage1_checkpoint}",
                          hint)
-            self.frozen_modules.append("rebalancing_block")
-        for name in self.frozen_modules:
-            freeze(getattr(self, name))
+            self.freeze(self.rebalancing_block)
         if classifier_init == "stage1":
             classifier_state = {k[len(_CLASSIFIER):]: v for k, v in state.items() if k.startswith(_CLASSIFIER)}
             load_exactly(self.classifier, classifier_state, f"the stage-1 classifier in {stage1_checkpoint}",
                          " (classifier_init=stage1 needs a plain linear classifier with as many classes)")
         self.train_streams = {"main": sampler}
-        self.register_buffer("class_weights", make_class_weights(class_weighting, class_counts, beta),
-                             persistent=False)
+        self.set_class_reweighting(reweighting)
         # The frozen representation is in eval mode on purpose; Lightning would warn about it.
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-        self.save_hyperparameters({"stage1_checkpoint": str(stage1_checkpoint), "branch": branch, "sampler": sampler,
-                                   "class_weighting": class_weighting, "classifier_init": classifier_init})
 
-    def build_classifier(self, in_features: int, num_classes: int) -> nn.Module:
-        return nn.Linear(2 * in_features if self.branch == "both" else in_features, num_classes)
-
-    def train(self, mode: bool = True) -> ClassifierRetraining:
-        """Switch modes, keeping the frozen representation in eval mode (its batch norm never updates)."""
-        super().train(mode)
-        for name in getattr(self, "frozen_modules", ()):
-            getattr(self, name).eval()
-        return self
 
     def features(self, images: Tensor) -> Tensor:
         """The frozen representation's pooled features (``[f_c, f_r]`` for ``branch=both``)."""
@@ -204,7 +172,7 @@ class ClassifierRetraining(LongTailMethod):
 
     def compute_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         images, targets = batch
-        return F.cross_entropy(self(images), targets, weight=self.class_weights)
+        return F.cross_entropy(self(images), targets, weight=self.active_class_weights())
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Only the classifier is optimised (so weight decay never touches the representation)."""

@@ -23,13 +23,13 @@ stored:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from ltlib.losses import FeatureBalancedLoss
-from ltlib.methods.base import LongTailMethod, OptimConfig
+from ltlib.methods.base import LongTailMethod
 
 
 class FeatureBalancedClassifier(LongTailMethod):
@@ -57,11 +57,7 @@ class FeatureBalancedClassifier(LongTailMethod):
     """
 
     def __init__(
-        self,
-        backbone: nn.Module,
-        num_classes: int,
-        class_counts: Sequence[int],
-        optim: OptimConfig | Mapping[str, Any] | None = None,
+        self, backbone: nn.Module, num_classes: int, class_counts: Sequence[int], *,
         lambda_: float = 60.0,
         stimulus: str = "normalized",
         schedule: str = "parabolic_increment",
@@ -71,18 +67,14 @@ class FeatureBalancedClassifier(LongTailMethod):
         reset_last_block: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(backbone, num_classes, class_counts, optim, **kwargs)
+        super().__init__(backbone, num_classes, class_counts, **kwargs)
         self.criterion = FeatureBalancedLoss(class_counts, lambda_=lambda_, stimulus=stimulus, schedule=schedule,
                                              progress_mode=progress_mode, check_finite=check_finite)
         self.freeze_trunk = bool(freeze_trunk)
         if reset_last_block:
             self.backbone.last_block = self.backbone.copy_last_block()
         if self.freeze_trunk:
-            self.backbone.trunk.requires_grad_(False)
-            self.backbone.trunk.eval()
-        self.save_hyperparameters({"lambda_": float(lambda_), "stimulus": stimulus, "schedule": schedule,
-                                   "progress_mode": progress_mode, "freeze_trunk": self.freeze_trunk,
-                                   "reset_last_block": bool(reset_last_block)})
+            self.freeze(self.backbone.trunk)  # fixed pretrained statistics, as in the official Places-LT code
 
     # ------------------------------------------------------------------ curriculum
     def epoch_progress(self) -> float:
@@ -97,6 +89,7 @@ class FeatureBalancedClassifier(LongTailMethod):
         self.epoch_progress()
 
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         progress = self.epoch_progress()
         self.criterion.set_progress(progress)
         # A Python float, the same on every rank: sync_dist only marks it global (reduced once per epoch).
@@ -108,12 +101,6 @@ class FeatureBalancedClassifier(LongTailMethod):
         return self.criterion.alpha
 
     # ---------------------------------------------------------------------- model
-    def train(self, mode: bool = True) -> FeatureBalancedClassifier:
-        super().train(mode)
-        if self.freeze_trunk:
-            self.backbone.trunk.eval()  # fixed pretrained statistics, as in the official Places-LT code
-        return self
-
     def compute_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         """FBL (eq. 8) on the pooled penultimate features, which the loss keeps in the graph."""
         images, targets = batch

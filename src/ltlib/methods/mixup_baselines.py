@@ -26,7 +26,7 @@ the children of the backbone's ``trunk`` (``layer1``, ``layer2``, ... for the Re
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ltlib.data.samplers import check_sampler
 from ltlib.errors import LtlibError, check_in_range, unknown_name
 from ltlib.losses import SoftTargetCrossEntropy
-from ltlib.methods.base import LongTailMethod, OptimConfig
+from ltlib.methods.base import LongTailMethod
 from ltlib.methods.mixup import sample_mix_weight
 
 INPUT = "input"
@@ -83,11 +83,7 @@ class MixupClassifier(LongTailMethod):
     """
 
     def __init__(
-        self,
-        backbone: nn.Module,
-        num_classes: int,
-        class_counts: Sequence[int],
-        optim: OptimConfig | Mapping[str, Any] | None = None,
+        self, backbone: nn.Module, num_classes: int, class_counts: Sequence[int], *,
         alpha: float = 1.0,
         locations: Sequence[str] = (INPUT,),
         sampler: str = "uniform",
@@ -95,7 +91,7 @@ class MixupClassifier(LongTailMethod):
         mix_loss: str = "soft_ce",
         **kwargs: Any,
     ) -> None:
-        super().__init__(backbone, num_classes, class_counts, optim, **kwargs)
+        super().__init__(backbone, num_classes, class_counts, **kwargs)
         if mix_loss not in MIX_LOSSES:
             raise unknown_name("mix_loss", mix_loss, MIX_LOSSES)
         self.mix_loss = mix_loss
@@ -117,8 +113,6 @@ class MixupClassifier(LongTailMethod):
         self.two_samplers = second_sampler is not None
         self.train_streams = {"main": sampler, "partner": second_sampler} if self.two_samplers else {"main": sampler}
         self.soft_cross_entropy = SoftTargetCrossEntropy()
-        self.save_hyperparameters({"alpha": alpha, "locations": self.locations, "sampler": sampler,
-                                   "second_sampler": second_sampler, "mix_loss": mix_loss})
 
     # ----------------------------------------------------------------- model
     def mixed_forward(self, images: Tensor, lam: float, location: str, *, partner: Tensor | None = None,

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from ltlib.analysis.weight_norms import classifier_weight_norms, plot_weight_norms, weight_norm_summary
-from ltlib.errors import LtlibError, check_in_range, unknown_name
+from ltlib.errors import LtlibError, check_in_range, check_int, unknown_name
 from ltlib.losses import SoftTargetCrossEntropy
-from ltlib.methods.base import LongTailMethod, OptimConfig
+from ltlib.methods.base import LongTailMethod
 from ltlib.methods.class_division import (
     CLUSTERINGS,
     PREDICTION_RULES,
@@ -46,22 +46,13 @@ from ltlib.methods.class_division import (
     soft_cluster_targets,
 )
 from ltlib.methods.mixup import mixup_batch
-from ltlib.methods.standard import CLASS_WEIGHTINGS, make_class_weights
+from ltlib.methods.reweighting import ClassReweighting, resolve_reweight_alias
 
 log = logging.getLogger("ltlib")
 
 CHANNEL_ASSIGNMENTS = ("auto", "split", "split_floor", "cyclic", "projection")
 CLUSTER_SOURCES = ("warmup", "initial", "checkpoint")
 PREDICT_HEADS = ("main", "both", "fbh")
-
-
-def _check_positive_int(name: str, value: object, low: int = 1, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        allowed = f"an integer >= {low}" + (" or null" if optional else "")
-        raise LtlibError(f"{name}={value!r} is invalid; allowed: {allowed}")
-    return int(value)
 
 
 class FeatureBalancingHead(nn.Module):
@@ -100,8 +91,8 @@ class FeatureBalancingHead(nn.Module):
         super().__init__()
         if channel_assignment not in CHANNEL_ASSIGNMENTS:
             raise unknown_name("channel_assignment", channel_assignment, CHANNEL_ASSIGNMENTS)
-        channels_per_class = _check_positive_int("channels_per_class", channels_per_class, optional=True)
-        kernel_size = _check_positive_int("fbh_kernel_size", kernel_size)
+        channels_per_class = check_int("channels_per_class", channels_per_class, optional=True)
+        kernel_size = check_int("fbh_kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise LtlibError(f"fbh_kernel_size={kernel_size} is invalid; allowed: an odd integer >= 1")
         mode = channel_assignment
@@ -230,12 +221,7 @@ class TwoHeadModel(LongTailMethod):
     train_with_index = True
 
     def __init__(
-        self,
-        backbone: nn.Module,
-        num_classes: int,
-        class_counts: Sequence[int],
-        optim: OptimConfig | Mapping[str, Any] | None = None,
-        *,
+        self, backbone: nn.Module, num_classes: int, class_counts: Sequence[int], *,
         feature_balancing: bool = True,
         class_division: bool = True,
         u: int = 10,
@@ -257,19 +243,16 @@ class TwoHeadModel(LongTailMethod):
         reweight_from_epoch: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if "reweight_start_epoch" in kwargs:
-            raise LtlibError(f"reweight_start_epoch={kwargs['reweight_start_epoch']!r}: the option is now "
-                             "reweight_from_epoch; allowed: null (deferred to 80% of trainer.max_epochs), "
-                             "0 (from the start) or an epoch >= 0")
-        u = _check_positive_int("u", u)
+        reweight_from_epoch = resolve_reweight_alias(kwargs, reweight_from_epoch)
+        u = check_int("u", u)
         alpha = check_alpha(alpha)
         check_in_range("lambda_fbh", lambda_fbh, 0.0)
         if clustering not in CLUSTERINGS:
             raise unknown_name("clustering", clustering, CLUSTERINGS)
         if cluster_on not in CLUSTER_SOURCES:
             raise unknown_name("cluster_on", cluster_on, CLUSTER_SOURCES)
-        _check_positive_int("cluster_warmup_epochs", cluster_warmup_epochs, 0)
-        _check_positive_int("cluster_seed", cluster_seed, 0)
+        check_int("cluster_warmup_epochs", cluster_warmup_epochs, 0)
+        check_int("cluster_seed", cluster_seed, 0)
         check_in_range("cluster_seed", cluster_seed, 0, 2**32 - 1)
         if cluster_on == "checkpoint" and clustering != "random":
             if not cluster_checkpoint or not Path(cluster_checkpoint).is_file():
@@ -286,12 +269,12 @@ class TwoHeadModel(LongTailMethod):
             raise LtlibError(f"predict_heads={predict_heads!r} needs the feature-balancing head; allowed with "
                              "feature_balancing=false: main")
         check_in_range("mixup_alpha", mixup_alpha, 0.0)
-        if class_weighting not in CLASS_WEIGHTINGS:
-            raise unknown_name("class_weighting", class_weighting, CLASS_WEIGHTINGS)
-        reweight_from_epoch = _check_positive_int("reweight_from_epoch", reweight_from_epoch, 0, optional=True)
-        # The K-way classifier built by the base class needs the division first.
-        self.division = ClassDivision.from_counts(class_counts, u if class_division else 1)
-        super().__init__(backbone, num_classes, class_counts, optim, **kwargs)
+        reweighting = ClassReweighting(class_weighting, float(beta), reweight_from_epoch)
+        division = ClassDivision.from_counts(class_counts, u if class_division else 1)
+        # The class-division head: a K-way linear classifier (K = sum u_c).
+        head = nn.Linear(backbone.out_dim, division.num_clusters)
+        super().__init__(backbone, num_classes, class_counts, head=head, **kwargs)
+        self.division = division
         self.feature_balancing, self.class_division = bool(feature_balancing), bool(class_division)
         self.u, self.alpha, self.lambda_fbh = u, float(alpha), float(lambda_fbh)
         self.clustering, self.cluster_on = clustering, cluster_on
@@ -299,44 +282,28 @@ class TwoHeadModel(LongTailMethod):
         self.cluster_seed = int(cluster_seed)
         self.prediction, self.predict_heads = prediction, predict_heads
         self.mixup_alpha = float(mixup_alpha)
-        self.class_weighting, self.reweight_from_epoch = class_weighting, reweight_from_epoch
 
         self.fbh = (FeatureBalancingHead(backbone.out_dim, num_classes, channel_assignment, channels_per_class,
                                          fbh_kernel_size) if feature_balancing else None)
         self.soft_cross_entropy = SoftTargetCrossEntropy()
-        division = self.division
         self.register_buffer("cluster_to_class", torch.tensor(division.cluster_to_class), persistent=False)
         self.register_buffer("clusters_per_class",
                              torch.tensor(division.clusters_per_class, dtype=torch.long), persistent=False)
         self.register_buffer("cluster_index", division.cluster_index(), persistent=False)
         if predict_heads != "fbh" and self.needs_clusters:  # the other K -> C rule, from the same logits
             self.add_evaluation_variants("prediction", prediction, PREDICTION_RULES)
-        self.register_buffer("class_weights", make_class_weights(class_weighting, class_counts, beta),
-                             persistent=False)
+        self.set_class_reweighting(reweighting)
         # Saved in checkpoints so that a resumed run keeps its clusters: the cluster id of every
         # training image (empty until clustered) and the epoch the clustering ran (-1: not yet).
         self.register_buffer("cluster_assignment", torch.empty(0, dtype=torch.long))
         self.register_buffer("clustered_epoch", torch.tensor(-1, dtype=torch.long))
+        self.register_load_state_dict_pre_hook(self._resize_assignment)
         # Epoch means of L2 and L1 (means of the batch means), accumulated on the device; nan_strategy
         # "disable" skips torchmetrics' per-update NaN test, a host synchronisation every step.
         self.train_loss_cdh = MeanMetric(nan_strategy="disable")
         self.train_loss_fbh = MeanMetric(nan_strategy="disable")
-        self.save_hyperparameters({
-            "feature_balancing": feature_balancing, "class_division": class_division, "u": u, "alpha": alpha,
-            "lambda_fbh": lambda_fbh, "clustering": clustering, "cluster_on": cluster_on,
-            "cluster_warmup_epochs": cluster_warmup_epochs, "cluster_checkpoint": cluster_checkpoint,
-            "cluster_seed": cluster_seed,
-            "channel_assignment": channel_assignment, "channels_per_class": channels_per_class,
-            "fbh_kernel_size": fbh_kernel_size, "prediction": prediction, "predict_heads": predict_heads,
-            "mixup_alpha": mixup_alpha, "class_weighting": class_weighting, "beta": beta,
-            "reweight_from_epoch": reweight_from_epoch,
-        })  # only constructor arguments: load_from_checkpoint passes them back to __init__
 
     # ----------------------------------------------------------------- model
-    def build_classifier(self, in_features: int, num_classes: int) -> nn.Module:
-        """The class-division head: a K-way linear classifier (K = sum u_c)."""
-        return nn.Linear(in_features, self.division.num_clusters)
-
     @property
     def num_clusters(self) -> int:
         return self.division.num_clusters
@@ -429,31 +396,6 @@ class TwoHeadModel(LongTailMethod):
         return soft_cluster_targets(self.cluster_assignment[indices], self.cluster_to_class, self.clusters_per_class,
                                     self.alpha)
 
-    @property
-    def reweight_epoch(self) -> int:
-        """The first epoch (0-based) whose loss uses the class weights: ``reweight_from_epoch``, or when it
-        is null (deferred, Cao et al.'s DRW rule: re-weight from the first learning-rate decay) the first
-        multistep milestone inside the run (120 of the CIFAR recipe's 120 / 160; 160 of LDAM-DRW's
-        160 / 180), else, e.g. with a cosine schedule, ``floor(0.8 * max_epochs)`` (72 of 90)."""
-        if self.reweight_from_epoch is not None:
-            return self.reweight_from_epoch
-        if self.optim.schedule == "multistep":
-            inside = [m for m in self.optim.milestones if 0 < m < self.max_epochs]
-            if inside:
-                return min(inside)
-        return self.max_epochs * 4 // 5
-
-    def active_class_weights(self) -> Tensor | None:
-        """The per-class loss weights in force this epoch (None before :attr:`reweight_epoch`)."""
-        if self.class_weights is None or self.current_epoch < self.reweight_epoch:
-            return None
-        return self.class_weights
-
-    def on_train_start(self) -> None:
-        if self.class_weights is not None and self.reweight_epoch >= self.max_epochs:
-            log.warning("reweight_from_epoch=%d >= max_epochs=%d: the class weights never switch on",
-                        self.reweight_epoch, self.max_epochs)
-
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         self.log("train/loss_cdh", self.train_loss_cdh.compute(), sync_dist=True)
@@ -481,11 +423,9 @@ class TwoHeadModel(LongTailMethod):
             self._cluster(targets)
 
     def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
         if self.needs_clusters and not self.is_clustered and self.current_epoch >= self.cluster_warmup_epochs:
             self._cluster(self._train_targets())
-        if self.class_weights is not None:
-            on = float(self.active_class_weights() is not None)
-            self.log("train/class_weights_on", on, on_step=False, on_epoch=True)
 
     def fit_clusters(self, targets: Sequence[int] | np.ndarray, features: np.ndarray | None = None) -> Tensor:
         """Divide the training images (classes ``targets``, in dataset order) into clusters with
@@ -553,23 +493,17 @@ class TwoHeadModel(LongTailMethod):
     def _clustering_features(self) -> np.ndarray:
         """l2-normalised pooled features of every training image (evaluation transform, dataset order)."""
         datamodule = self._datamodule()
-        dataset = datamodule.train_dataset
-        dataset.transform, dataset.return_index = datamodule.eval_transform, False
-        loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False,
+        loader = DataLoader(datamodule.eval_dataset("train"), batch_size=datamodule.eval_batch_size, shuffle=False,
                             num_workers=datamodule.num_workers)
         backbone = self._checkpoint_backbone() if self.cluster_on == "checkpoint" else self.backbone
         return backbone_features(backbone, loader, self.device)
 
     def _checkpoint_backbone(self) -> nn.Module:
         """A copy of the backbone carrying the weights of ``cluster_checkpoint``."""
+        from ltlib.runs import read_state_dict
+
         path = str(self.cluster_checkpoint)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one line
-            raise LtlibError(f"cannot read cluster_checkpoint {path}: {str(exc).strip().splitlines()[0]}") from exc
-        state = payload.get("state_dict", payload) if isinstance(payload, Mapping) else None
-        if not isinstance(state, Mapping):
-            raise LtlibError(f"cluster_checkpoint {path} holds no state dict")
+        state = read_state_dict(path, key="cluster_checkpoint")
         from_method = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         backbone = copy.deepcopy(self.backbone)
         load = getattr(backbone, "load_pretrained", None)
@@ -583,35 +517,43 @@ class TwoHeadModel(LongTailMethod):
                                  f"{str(exc).strip().splitlines()[0]}") from exc
         return backbone.to(self.device)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The assignment's length is the training-set size, unknown at construction: resize the empty
-        # buffer so that load_state_dict accepts the saved one.
-        saved = checkpoint.get("state_dict", {}).get("cluster_assignment")
+    def _resize_assignment(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """Before ``load_state_dict``: the assignment's length is the training-set size, unknown at
+        construction, so the empty buffer takes the saved one's shape (a resumed run keeps its clusters)."""
+        saved = state_dict.get(prefix + "cluster_assignment")
         if isinstance(saved, Tensor) and saved.shape != self.cluster_assignment.shape:
             self.cluster_assignment = torch.empty_like(saved, device=self.cluster_assignment.device)
 
     # ------------------------------------------------------------ end of run
+    def class_weight_norms(self) -> dict[str, Tensor]:
+        """Figure 3: the mean l2-norm of each class's cluster weight vectors in the main head and, with the
+        feature-balancing head, the norm of each class's kernel."""
+        cluster_norms = classifier_weight_norms(self.classifier.weight)
+        norms = {"classifier": per_class_norms(cluster_norms, self.division.cluster_to_class, self.num_classes,
+                                               "mean")}
+        if self.fbh is not None:
+            norms["feature_balancing_head"] = self.fbh.class_kernel_norms().detach().float().cpu()
+        return norms
+
     def on_run_end(self, output_dir: Path) -> dict[str, Any]:
         """Figure 3: per-class weight norms of the main head (the mean of the l2-norms of the class's
         cluster weight vectors) in ``weight_norms.png``; the feature-balancing head's per-class kernel
         norms in ``fbh_weight_norms.png``; the class division in ``results.json``."""
         counts = self.class_counts.tolist()
-        cluster_norms = classifier_weight_norms(self.classifier.weight)
-        cluster_to_class = self.division.cluster_to_class
-        norms = {"classifier": per_class_norms(cluster_norms, cluster_to_class, self.num_classes, "mean")}
-        plot_weight_norms(norms, counts, Path(output_dir) / "weight_norms.png",
+        norms = self.class_weight_norms()
+        plot_weight_norms({"classifier": norms["classifier"]}, counts, Path(output_dir) / "weight_norms.png",
                           title="Class-division head: mean weight norm of each class's clusters")
-        summary_norms = dict(norms)
-        summary_norms["classifier_max"] = per_class_norms(cluster_norms, cluster_to_class, self.num_classes, "max")
         if self.fbh is not None:
-            fbh_norms = {"feature_balancing_head": self.fbh.class_kernel_norms()}
-            plot_weight_norms(fbh_norms, counts, Path(output_dir) / "fbh_weight_norms.png",
+            plot_weight_norms({"feature_balancing_head": norms["feature_balancing_head"]}, counts,
+                              Path(output_dir) / "fbh_weight_norms.png",
                               title="Feature-balancing head: kernel norm of each class")
-            summary_norms.update(fbh_norms)
+        cluster_norms = classifier_weight_norms(self.classifier.weight)
+        norms["classifier_max"] = per_class_norms(cluster_norms, self.division.cluster_to_class, self.num_classes,
+                                                  "max")
         sizes = (torch.bincount(self.cluster_assignment.cpu(), minlength=self.num_clusters).tolist()
                  if self.is_clustered else None)
         return {
-            "weight_norms": weight_norm_summary(summary_norms),
+            "weight_norms": weight_norm_summary(norms),
             "cluster_weight_norms": cluster_norms.tolist(),
             "class_division": {
                 "u": self.u if self.class_division else 1,
@@ -629,11 +571,7 @@ class TwoHeadModel(LongTailMethod):
                 "in_channels": self.fbh.in_channels,
                 "unused_channels": len(self.fbh.unused_channels),
             },
-            "class_reweighting": None if self.class_weights is None else {
-                "class_weighting": self.class_weighting,
-                "schedule": "deferred" if self.reweight_from_epoch is None else "fixed",
-                "from_epoch": self.reweight_epoch,
-            },
+            "class_reweighting": self.reweighting.summary(self.optim, self.max_epochs),
         }
 
 

@@ -1,6 +1,6 @@
 """Fault tolerance for long runs: reproducible epochs, a non-finite loss guard, atomic checkpoint files.
 
-``ltlib.run`` adds all of these to every run:
+``ltlib.training.train`` adds all of these to every run:
 
 * :class:`EpochSeeding` makes the random draws of training epoch ``k`` a function of ``(seed, k, rank)``,
   so that a run resumed from an end-of-epoch checkpoint repeats the uninterrupted run exactly (a
@@ -18,10 +18,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from ltlib.data.samplers import mix_seed
 from ltlib.errors import LtlibError, check_in_range
+from ltlib.io import atomic_writer
 
 # Distinct streams derived from the same (seed, epoch, rank): Python's, NumPy's and torch's global RNGs
 # and the DataLoader's. NumPy's and torch's each get their own: seeded with one number, torch's CPU
@@ -117,7 +115,7 @@ class NonFiniteLossGuard(Callback):
 
     Each step records, on the device, the index of the first step whose loss was not finite (two small
     device operations, no host synchronisation). The host reads that record every
-    ``check_every_n_steps`` optimiser steps (``ltlib.run`` uses ``trainer.log_every_n_steps``, where
+    ``check_every_n_steps`` optimiser steps (training uses ``trainer.log_every_n_steps``, where
     Lightning reads the logged loss anyway), before each validation and at the end of every training
     epoch; under DDP the earliest step over all ranks counts, so every rank stops together. The check
     at the end of an epoch runs before the epoch's checkpoints are written (Lightning runs
@@ -181,7 +179,7 @@ class NonFiniteLossGuard(Callback):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write a checkpoint to a temporary file in the target's directory, flush it to disk, then rename it
-    over the target (``os.replace``, atomic on POSIX), so that a process killed while saving leaves the
+    over the target (:func:`ltlib.io.atomic_writer`), so that a process killed while saving leaves the
     previous checkpoint intact. Lightning's own save stages the bytes in the system temporary directory
     and moves them, which turns into a non-atomic copy when that directory is on another filesystem (as
     on most clusters). Remote URLs (``s3://`` ...) are left to Lightning."""
@@ -193,17 +191,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         target = Path(text.removeprefix("file://"))
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
+        with atomic_writer(target) as file:
+            torch.save(checkpoint, file)
 
 
 def remove_partial_checkpoints(checkpoint_dir: Path) -> list[Path]:

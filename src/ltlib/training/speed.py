@@ -333,7 +333,7 @@ class PhaseTimer(Callback):
         return out
 
     def on_run_end(self, output_dir: Path, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
-        """Called by ``ltlib.run`` after the final evaluation: write ``timings.json``, return the entry."""
+        """Called by ``ltlib.training.train`` after the final evaluation: write ``timings.json``, return the entry."""
         summary = self.summary()
         if self.path:
             Path(output_dir, self.path).write_text(json.dumps(summary, indent=2) + "\n")
