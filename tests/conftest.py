@@ -48,6 +48,35 @@ def run_cli(*overrides: str, module: str = "ltlib.run", cwd: Path | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(*overrides: str) -> subprocess.CompletedProcess:
+    """``python -m ltlib.run OVERRIDES`` in this process (the same Hydra entry point, its exit status and its
+    stderr), without the 10 s start of a new interpreter: for the one-line-error checks. Hydra's global state
+    is put back afterwards."""
+    import contextlib
+    import io
+
+    from ltlib import run
+    from ltlib.config import restored_hydra_state
+
+    stderr, stdout = io.StringIO(), io.StringIO()
+    argv, code = sys.argv, 0
+    sys.argv = ["ltlib.run", *overrides]
+    try:
+        with restored_hydra_state(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+            try:
+                run.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except Exception:  # noqa: BLE001 - the process would have died with a traceback
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["ltlib.run", *overrides], code, stdout.getvalue(), stderr.getvalue())
+
+
 @pytest.fixture
 def tiny_run_args(tmp_path: Path) -> list[str]:
     """Overrides that make a CLI run take a few seconds: 2 epochs of the digits data."""

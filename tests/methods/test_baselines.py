@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from tests.conftest import REPO, digits_datamodule, run_cli
+from tests.conftest import REPO, digits_datamodule, run_cli, run_in_process
 from tests.losses.reference import np_cui_sigmoid_focal, np_ldam_code_focal
 
 from ltlib.backbones.cifar_resnet import CifarResNet
@@ -278,7 +278,7 @@ def test_every_baseline_trains_from_the_cli(tmp_path) -> None:
     (["method=ce_drs", "method.deferred_sampler=balanced"], "unknown sampler 'balanced'"),
 ])
 def test_bad_cli_input_is_one_line_error(overrides, expected, tmp_path) -> None:
-    proc = run_cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}", "backbone=resnet20")
+    proc = run_in_process(*overrides, f"hydra.run.dir={tmp_path / 'run'}", "backbone=resnet20")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("ltlib: error:")]
     assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]

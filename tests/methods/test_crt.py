@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import digits_datamodule, run_cli
+from tests.conftest import digits_datamodule, run_cli, run_in_process
 
 from ltlib.backbones import create_backbone
 from ltlib.errors import LtlibError
@@ -191,7 +191,7 @@ def test_cli_retrains_a_bbn_branch(bbn_stage1, tmp_path):
 
 @pytest.mark.slow
 def test_cli_missing_stage1_checkpoint_is_one_line_error(tmp_path):
-    proc = run_cli("method=crt", "method.stage1_checkpoint=/nowhere/best.ckpt", f"hydra.run.dir={tmp_path / 'run'}",
+    proc = run_in_process("method=crt", "method.stage1_checkpoint=/nowhere/best.ckpt", f"hydra.run.dir={tmp_path / 'run'}",
                    "backbone=resnet20")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("ltlib: error:")]

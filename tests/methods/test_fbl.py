@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
-from tests.conftest import digits_datamodule, run_cli
+from tests.conftest import digits_datamodule, run_cli, run_in_process
 from torch import nn
 
 from ltlib.backbones.base import Backbone
@@ -168,7 +168,7 @@ def test_bad_options_are_one_line_errors(options, expected) -> None:
 
 
 def test_cli_official_progress_with_too_few_epochs_is_a_one_line_error(tiny_run_args) -> None:
-    proc = run_cli("method=fbl", *tiny_run_args, "method.progress_mode=official")
+    proc = run_in_process("method=fbl", *tiny_run_args, "method.progress_mode=official")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("ltlib: error:")]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_in_process
 
 from ltlib.backbones import create_backbone
 from ltlib.config import config_dir
@@ -552,7 +552,7 @@ def test_non_zero_ranks_adopt_the_assignment_rank_zero_broadcasts():
 def test_cli_bad_option_is_one_line_error(tiny_run_args):
     # every bad option raises the same way (see test_bad_options_raise_one_line_errors); one CLI round trip
     override, expected = "method.alpha=1.5", "alpha=1.5 is out of range; allowed: (0, 1]"
-    proc = run_cli("method=two_head", override, *tiny_run_args)
+    proc = run_in_process("method=two_head", override, *tiny_run_args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("ltlib: error:")]
     assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
