@@ -172,3 +172,14 @@ def test_eval_shards_cover_each_image_once(n: int, world_size: int) -> None:
     shards = [list(EvalShardSampler(n, rank, world_size)) for rank in range(world_size)]
     assert sorted(i for s in shards for i in s) == list(range(n))
     assert [len(EvalShardSampler(n, r, world_size)) for r in range(world_size)] == [len(s) for s in shards]
+
+
+def test_a_sampler_without_indices_cannot_be_built():
+    from ltlib.data.samplers import IndexSampler
+
+    class Incomplete(IndexSampler):
+        def __len__(self) -> int:
+            return 0
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()

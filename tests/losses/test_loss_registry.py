@@ -312,3 +312,17 @@ def test_registered_forms_equal_the_classes_the_methods_build(reduction: str) ->
         cb = losses.CBFocalLoss(COUNTS, beta=0.0, gamma=0.5, loss_type="sigmoid", reduction=reduction)
         cb.weight = weight
         assert torch.equal(sigmoid(logits, targets), cb(logits, targets))
+
+
+def test_a_loss_without_per_sample_loss_cannot_be_built():
+    from ltlib.losses import AdjustedCrossEntropyLoss, LongTailLoss
+
+    class Incomplete(LongTailLoss):
+        pass
+
+    class NoAdjustment(AdjustedCrossEntropyLoss):
+        pass
+
+    for cls in (Incomplete, NoAdjustment):
+        with pytest.raises(TypeError, match="abstract"):
+            cls()

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -95,7 +96,7 @@ def stream_id(stream: str | int) -> int:
     return int(stream)
 
 
-class IndexSampler(Sampler[int]):
+class IndexSampler(Sampler[int], ABC):
     """A sampler whose epoch is one tensor of dataset indices, drawn by :meth:`indices`.
 
     Subclasses implement ``indices`` and ``__len__``; ``set_epoch`` (Lightning calls it before every
@@ -108,6 +109,7 @@ class IndexSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @abstractmethod
     def indices(self, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The int64 dataset indices of ``epoch`` (``len(self)`` of them, this rank's share), on ``device``.
 
@@ -117,7 +119,6 @@ class IndexSampler(Sampler[int]):
         GPU the same seeds drive the GPU's generator, which gives other numbers than the CPU's: the same
         distribution, sharding and length, not the same indices. (Drawing on the CPU and copying would
         make them equal, but would change the orders of existing seeded GPU runs.)"""
-        raise NotImplementedError
 
     def __iter__(self) -> Iterator[int]:
         yield from self.indices(self.epoch, "cpu").tolist()

@@ -8,6 +8,7 @@ Every check here looks only at shapes and dtypes, so none of them forces a devic
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -111,7 +112,7 @@ def reduce_losses(losses: Tensor, targets: Tensor, weight: Tensor | None, reduct
     return losses.sum() / weight[targets].sum()
 
 
-class LongTailLoss(nn.Module):
+class LongTailLoss(nn.Module, ABC):
     """A loss called as ``loss(logits, targets, *extra_inputs)`` with per-class weights and one reduction
     vocabulary.
 
@@ -159,13 +160,13 @@ class LongTailLoss(nn.Module):
     def check_extra_inputs(self, logits: Tensor, *inputs: Tensor) -> None:
         """Check the :attr:`extra_inputs`; the default has none to check."""
 
+    @abstractmethod
     def per_sample_loss(self, logits: Tensor, targets: Tensor, weight: Tensor | None, *inputs: Tensor) -> Tensor:
         """Per-sample losses ``[B]``, multiplied by ``w_{y_i}`` where the loss applies weights.
 
         ``logits`` are already in the compute dtype, ``targets`` checked, ``weight`` (``[C]`` or None)
         on the logits' device and dtype.
         """
-        raise NotImplementedError
 
     # ---- call -------------------------------------------------------------------------------------
     def forward(self, logits: Tensor, targets: Tensor, *inputs: Tensor) -> Tensor:
@@ -201,9 +202,9 @@ class AdjustedCrossEntropyLoss(LongTailLoss):
     the last bit, which would change deterministic training runs).
     """
 
+    @abstractmethod
     def adjusted_logits(self, logits: Tensor, targets: Tensor, *inputs: Tensor) -> Tensor:
         """The logits cross-entropy is applied to, ``[B, C]`` (inputs as :meth:`per_sample_loss` gets them)."""
-        raise NotImplementedError
 
     def per_sample_loss(self, logits: Tensor, targets: Tensor, weight: Tensor | None, *inputs: Tensor) -> Tensor:
         adjusted = self.adjusted_logits(logits, targets, *inputs)
