@@ -218,19 +218,14 @@ def load_weights(module: nn.Module, checkpoint_path_or_state: str | os.PathLike[
     """Load a checkpoint's model weights into ``module`` (a Lightning checkpoint, or a plain state dict;
     a file or its loaded contents); returns ``load_state_dict``'s missing / unexpected keys.
 
-    The module's ``on_load_checkpoint`` hook sees the checkpoint first, as when Lightning restores it
-    (the two-head model resizes its cluster-assignment buffer there). Weights that do not fit raise a
-    one-line :class:`LtlibError` naming ``what`` (default: the file).
+    Weights that do not fit raise a one-line :class:`LtlibError` naming ``what`` (default: the file).
+    (Buffers whose size depends on the data, the two-head model's cluster assignment, resize themselves in
+    a ``load_state_dict`` pre-hook.)
     """
     source = checkpoint_path_or_state
-    checkpoint = dict(source) if isinstance(source, Mapping) else read_checkpoint(source, key=key)
-    if "state_dict" not in checkpoint:
-        checkpoint = {"state_dict": checkpoint}
-    hook = getattr(module, "on_load_checkpoint", None)
-    if callable(hook):
-        hook(checkpoint)
+    state = read_state_dict(source, key=key)
     try:
-        return module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        return module.load_state_dict(state, strict=strict)
     except RuntimeError as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         label = what or (_subject(source, key) if not isinstance(source, Mapping) else "the checkpoint")
